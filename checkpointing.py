@@ -1,0 +1,127 @@
+"""Sharded checkpoints that are either complete or absent, and the Hugging Face export.
+
+``step-<N>/`` holds the model and optimizer as a ``torch.distributed.checkpoint`` (each rank writes
+its own shards), every rank's RNG state, and ``trainer_state.json`` (step, counters, scheduler).
+Everything is written into ``step-<N>.tmp/`` first; rank 0 renames it to ``step-<N>/`` only after
+every rank has finished, and the rename is atomic, so a directory named ``step-<N>`` is always
+complete and a run killed mid-save resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+import distributed
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    final = Path(run_dir) / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if distributed.is_main() and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run that died while saving
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
+    _barrier()
+    if distributed.is_main():
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for old in complete(run_dir)[:-keep]:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def complete(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = []
+    for p in Path(run_dir).glob("step-*"):
+        m = STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def load(path: str | Path, model, optimizer) -> dict:
+    """Collective: restore model, optimizer and this rank's RNG; returns the trainer state."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng-rank{distributed.rank()}.pt"
+    if rng_file.exists():  # absent when resuming on a different number of ranks
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def full_state_dict(model) -> dict:
+    """Collective: the unsharded weights, on CPU, on rank 0 (empty elsewhere)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None):
+    """Collective: write a ``save_pretrained`` directory (safetensors + tokenizer), atomically swapped in."""
+    weights = full_state_dict(model)
+    out = Path(out_dir)
+    if distributed.is_main():
+        tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p)
+        if dtype is not None:
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        model.config.use_cache = True  # training turns the KV cache off; whoever loads the export generates
+        model.save_pretrained(tmp, state_dict=weights)
+        model.config.use_cache = False
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()

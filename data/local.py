@@ -1,0 +1,116 @@
+"""Rows from a local .json / .jsonl / .parquet file, with configurable column names.
+
+The shape comes from the first row: chosen and rejected columns -> "pref", a response column ->
+"sft", only a prompt column -> "prompt". A prompt is a string (one user message) or a list of
+``{role, content}`` messages ending with a user turn; a response/chosen/rejected is a string or a
+message list whose last message is the assistant's (its content is taken). Every row is checked
+before anything is returned; errors name the file, the row (the line for JSON lines) and the
+column. A file has one split, so rows whose 0-based index has index % 20 == 19 are "test", the
+rest "train".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from data import DataError, check_conversation, check_text, where
+
+EXTENSIONS = (".json", ".jsonl", ".parquet")
+KEYS = {"prompt_key": "prompt", "response_key": "response", "chosen_key": "chosen", "rejected_key": "rejected"}
+HOLDOUT = 20  # rows with index % 20 == 19 are "test"
+
+
+def _json_lines(path: str, text: str) -> list[tuple[int, object]]:
+    records = []
+    # split on "\n" only: str.splitlines would also break at U+2028 etc. inside JSON strings
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (often a trailing one) are not rows, but still count as lines
+        try:
+            records.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where(path, n)}: malformed JSON at column {e.colno}: {e.msg}") from None
+    return records
+
+
+def _read(path: str, ext: str) -> list[tuple[int, object]]:
+    """[(row number as people count it, parsed object)] in file order."""
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
+            raise DataError(f"{path}: not a readable parquet file: {e}") from None
+        return list(enumerate(table.to_pylist(), start=1))
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext == ".json" and text.lstrip().startswith("["):  # a JSON list of objects; else JSON lines
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+    return _json_lines(path, text)
+
+
+def _reply(value, path: str, n: int, key: str) -> str:
+    if isinstance(value, list):  # a message list: its final assistant message is the reply
+        last = value[-1] if value else None
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            raise DataError(f"{where(path, n, key)}: a message list must end with an assistant message, got {last!r:.80}")
+        value = last.get("content")
+    elif not isinstance(value, str):
+        raise DataError(f"{where(path, n, key)}: expected a string or a list of messages, got {type(value).__name__}")
+    return check_text(value, path, n, key)
+
+
+def _row(obj, path: str, n: int, prompt_key: str, fields: dict) -> dict:
+    """One record -> a row; ``fields`` maps row fields (response/chosen/rejected) to file columns."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where(path, n)}: expected an object, got {type(obj).__name__}")
+    for key in (prompt_key, *fields.values()):
+        if key not in obj:
+            raise DataError(f"{where(path, n, key)}: missing")
+    prompt = obj[prompt_key]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": check_text(prompt, path, n, prompt_key)}]
+    elif isinstance(prompt, list):
+        prompt = [{"role": m["role"], "content": m["content"]} for m in check_conversation(prompt, path, n, prompt_key)]
+    else:
+        raise DataError(f"{where(path, n, prompt_key)}: expected a string or a list of messages, got {type(prompt).__name__}")
+    row = {"prompt": prompt, **{f: _reply(obj[key], path, n, key) for f, key in fields.items()}, "origin": where(path, n)}
+    if "chosen" in row and row["chosen"] == row["rejected"]:
+        raise DataError(f"{where(path, n, fields['rejected'])}: identical to {fields['chosen']!r}; such a pair teaches nothing")
+    return row
+
+
+def load_file(path: str, split: str, keys: dict) -> tuple[list[dict], str]:
+    """(rows of ``split``, their shape) from a local file; ``keys`` renames columns (see KEYS)."""
+    unknown = set(keys) - set(KEYS)
+    if unknown:
+        raise DataError(f"unknown key option(s) {sorted(unknown)}: expected some of {sorted(KEYS)}")
+    k = {**KEYS, **keys}
+    if split not in ("train", "test"):
+        raise DataError(f"{path}: split {split!r}: expected 'train' or 'test'")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXTENSIONS:
+        raise DataError(f"{path}: unsupported extension {ext!r}; expected one of {', '.join(EXTENSIONS)}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records = _read(path, ext)
+    if not records:
+        raise DataError(f"{path}: empty file (no rows)")
+
+    n, first = records[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{where(path, n)}: expected an object, got {type(first).__name__}")
+    if k["chosen_key"] in first or k["rejected_key"] in first:  # one of them alone is an error below
+        shape, fields = "pref", {"chosen": k["chosen_key"], "rejected": k["rejected_key"]}
+    elif k["response_key"] in first:
+        shape, fields = "sft", {"response": k["response_key"]}
+    else:
+        shape, fields = "prompt", {}
+    rows = [_row(obj, path, n, k["prompt_key"], fields) for n, obj in records]
+    test = split == "test"
+    return [r for i, r in enumerate(rows) if (i % HOLDOUT == HOLDOUT - 1) == test], shape

@@ -1,0 +1,78 @@
+"""Rows to token ids: chat templating and the truncation policy.
+
+A tokenized SFT example is ``{"input_ids": [...], "labels": [...]}`` with ``labels`` equal to
+``input_ids`` on response tokens and -100 on prompt tokens. Every length limit is enforced here,
+before training, with the offending row named; what was truncated or dropped is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from data import DataError, origin
+
+IGNORE = -100
+
+# Tokenizers without a chat template (base models such as Pythia) get the Anthropic HH format,
+# which is what the DPO repo trains on.
+PLAIN_ROLES = {"system": "", "user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if tokenizer.chat_template:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(out)
+    text = "".join(PLAIN_ROLES[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """The response's tokens and the end-of-turn token, so a trained model learns to stop."""
+    if not tokenizer.chat_template and not text.startswith(" "):
+        text = " " + text  # the plain format puts a space after "Assistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit(prompt: list[int], responses: list[list[int]], limits, stats: Counter, place: str, mode: str):
+    """Apply the truncation policy to a prompt and its response(s); None means drop the row.
+
+    ``keep_end`` keeps the end of a long prompt (the part nearest the response) down to
+    ``max_prompt_length``, then cuts responses to fit ``max_length``; ``drop`` skips rows that do
+    not fit; ``error`` stops with the row named.
+    """
+    longest = max((len(r) for r in responses), default=0)
+    if len(prompt) + longest <= limits.max_length and len(prompt) <= limits.max_prompt_length:
+        return prompt, responses
+    if mode == "error":
+        field = "prompt" if len(prompt) > limits.max_prompt_length else "response"
+        raise DataError(
+            f"{place}: field {field!r}: prompt {len(prompt)} + response {longest} tokens exceed "
+            f"max_prompt_length={limits.max_prompt_length} / max_length={limits.max_length} "
+            f"(set truncation_mode=keep_end or drop to accept such rows)"
+        )
+    if mode == "drop":
+        stats["dropped"] += 1
+        return None
+    if len(prompt) > limits.max_prompt_length:
+        prompt = prompt[-limits.max_prompt_length :]
+        stats["prompt_truncated"] += 1
+    room = limits.max_length - len(prompt)
+    if longest > room:
+        responses = [r[:room] for r in responses]
+        stats["response_truncated"] += 1
+    return prompt, responses
+
+
+def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "keep_end"):
+    """SFT rows to examples; returns (examples, stats) where stats counts truncations and drops."""
+    stats, examples = Counter(), []
+    for i, row in enumerate(rows, start=1):
+        place = origin(row, source, i)
+        kept = fit(prompt_ids(tokenizer, row["prompt"]), [response_ids(tokenizer, row["response"])], limits, stats, place, mode)
+        if kept is None:
+            continue
+        p, (r,) = kept
+        examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
+    if not examples:
+        raise DataError(f"{source}: no example left after truncation_mode={mode!r} ({dict(stats)})")
+    return examples, stats

@@ -1,0 +1,81 @@
+"""Process group setup and the few collectives the trainers need.
+
+One program for every launch: under ``torchrun`` (RANK/WORLD_SIZE set) each process joins the
+group torchrun describes; run as plain ``python`` it forms a world of one, so the same FSDP code
+path runs everywhere. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("train")
+
+
+def init(timeout_minutes: float = 30, init_method: str | None = None, rank: int | None = None,
+         world_size: int | None = None) -> torch.device:
+    """Join (or form) the process group and return this rank's device."""
+    if dist.is_initialized():
+        return device()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    kwargs = dict(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                  timeout=datetime.timedelta(minutes=timeout_minutes))
+    if init_method is None and "MASTER_ADDR" not in os.environ:
+        assert world_size == 1, "a multi-process run needs torchrun (or MASTER_ADDR/MASTER_PORT)"
+        kwargs["store"] = dist.HashStore()
+    else:
+        kwargs["init_method"] = init_method or "env://"
+    if cuda:
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(**kwargs)
+    return device()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def close():
+    if dist.is_initialized():
+        dist.barrier()  # without it gloo sometimes aborts at exit ("terminate called without an active exception")
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_sum(values: list[float], dev: torch.device) -> list[float]:
+    """Sum a list of numbers over ranks, in float64 so counts stay exact."""
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    if world() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def setup_logging(log_file: str | None = None):
+    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks only warnings, tagged with their rank."""
+    fmt = "%(asctime)s %(message)s" if is_main() else f"[rank {rank()}] %(asctime)s %(levelname)s %(message)s"
+    handlers = [logging.StreamHandler(sys.stdout if is_main() else sys.stderr)]
+    if log_file and is_main():
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)

@@ -1,0 +1,131 @@
+"""SFT throughput, packed vs padded, on the same data through the real trainer (``train.py``).
+
+    python scripts/bench_sft.py [--nproc 2] [--steps 30] [--out bench_sft.json] [-- extra hydra overrides]
+
+For each layout it launches ``torchrun train.py packing=<true|false> ...`` on a synthetic chat-like
+dataset with long-tailed lengths, then reads the run's metrics.jsonl. Reported per layout:
+real (non-padding) tokens/s (median over steps after the first few), the padding fraction, the
+peak memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), and model FLOPs
+utilisation: model FLOPs per token (6 x parameters + 12 x layers x hidden x mean sequence length,
+as in the PaLM paper) times tokens/s, over the matrix-product FLOP/s timed in this run on the same
+device with the same threads per rank, times the number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_chat(path: Path, n: int, max_chars: int, seed: int = 0):
+    """Prompts and responses with log-normal lengths, like real chat data (many short, a long tail)."""
+    rng = random.Random(seed)
+    words = "the a of to and in is it you that he was for on are with as I his they be at one have this".split()
+
+    def text(mean_words):
+        k = max(1, min(int(rng.lognormvariate(math.log(mean_words), 0.8)), max_chars // 4))
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": text(12), "response": text(30)}) + "\n")
+
+
+def matmul_flops(device: torch.device, threads: int) -> float:
+    """Achieved FLOP/s of a square matrix product: the practical peak of one rank."""
+    torch.set_num_threads(threads)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def model_shape(export_dir: Path) -> tuple[int, int, int]:
+    """(parameters, layers, hidden size) read from an exported checkpoint, without loading it."""
+    config = json.loads((export_dir / "config.json").read_text())
+    n = 0
+    for f in export_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n, config["num_hidden_layers"], config["hidden_size"]
+
+
+def run(layout: str, args, data: Path, workdir: Path) -> dict:
+    run_dir = workdir / layout
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           str(REPO / "train.py"), f"run_dir={run_dir}", f"datasets=[{data}]", f"packing={layout == 'packed'}",
+           f"batch_size={args.batch_size}", f"n_examples={args.batch_size * args.steps}", "eval_at_start=false",
+           "eval_at_end=false", "eval_every=null", "n_eval_examples=0", "lr=1e-4", "warmup_steps=0",
+           f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", *args.overrides]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{layout} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_s" in r][3:]  # the first steps include warm-up
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+        "padding_fraction": statistics.mean(r["padding_fraction"] for r in steps),
+        "peak_memory_gb": max(r["memory/peak_gb"] for r in records if "memory/peak_gb" in r),
+        "mean_tokens_per_sequence": records[-1]["tokens"] / records[-1]["examples"],
+        "run_dir": str(run_dir),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--out", default="bench_sft.json")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if device.type == "cpu" else 1
+    peak = matmul_flops(device, threads) * args.nproc
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        data = workdir / "chat.jsonl"
+        synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2)
+        results = {layout: run(layout, args, data, workdir) for layout in ("packed", "padded")}
+        params, layers, hidden = model_shape(Path(results["packed"]["run_dir"]) / "LATEST")
+    mean_tokens = results["packed"]["mean_tokens_per_sequence"]
+    flops_per_token = 6 * params + 12 * layers * hidden * mean_tokens
+    for r in results.values():
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
+        del r["run_dir"]
+    report = {"device": device.type, "nproc": args.nproc, "parameters": params, "matmul_peak_flops": peak,
+              "flops_per_token": flops_per_token, "overrides": args.overrides, "results": results}
+
+    print(f"{device.type}, {args.nproc} rank(s), {params / 1e6:.2f}M parameters, "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s over all ranks")
+    print(f"{'layout':8} {'real tokens/s':>14} {'padding':>8} {'peak mem/rank GB':>17} {'MFU':>7}")
+    for layout, r in results.items():
+        print(f"{layout:8} {r['tokens_per_s']:14.0f} {r['padding_fraction']:8.1%} {r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared test helpers: Hydra configs composed in-process, ranks forked inside pytest, tiny models."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+
+import train  # noqa: F401  (registers the ${run_id:} resolver the config uses)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(*overrides: str):
+    """The config ``train.py`` would see for these command-line overrides."""
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def fast_overrides(run_dir) -> list[str]:
+    """A tiny SFT run: a few steps, small evals, fp32."""
+    return [f"run_dir={run_dir}", "batch_size=8", "eval_batch_size=8", "n_examples=48", "n_eval_examples=8",
+            "lr=1e-3", "warmup_steps=1", "eval_every=24", "max_length=64", "max_prompt_length=32"]
+
+
+def _rank_entry(rank, fn, world, init_file, result_dir, args):
+    import distributed
+
+    # One thread per rank, as torchrun sets it. It also keeps the child out of OpenMP: a pool the
+    # parent started before the fork does not exist in the child, and entering it hangs.
+    torch.set_num_threads(1)
+    try:
+        distributed.init(init_method=f"file://{init_file}", rank=rank, world_size=world, timeout_minutes=2)
+        out = fn(rank, world, *args)
+        torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        distributed.close()
+
+
+def run_ranks(fn, world: int, tmp_path, *args) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked processes joined by a gloo group; returns
+    each rank's return value. Forking costs about a second, against ~13 s for torchrun."""
+    result_dir = tmp_path / f"results-{world}"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    init_file = tmp_path / f"pg-init-{world}"
+    if init_file.exists():
+        init_file.unlink()
+    mp.start_processes(_rank_entry, args=(fn, world, str(init_file), str(result_dir), args), nprocs=world,
+                       start_method="fork", join=True)
+    return [torch.load(result_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture
+def single_process():
+    """A world of one for tests that run a trainer in the pytest process itself."""
+    import distributed
+
+    distributed.init()
+    yield
+    distributed.close()

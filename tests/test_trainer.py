@@ -1,0 +1,150 @@
+"""The SFT trainer end to end: world-size and accumulation invariance, the loop's bookkeeping,
+exports, and the models users bring through ``model=blank_model``."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import checkpointing
+import distributed
+import models
+from conftest import fast_overrides, make_cfg, run_ranks
+from trainers import TRAINERS, crossed, warmup_cosine
+
+
+def train_run(rank, world, overrides):
+    cfg = make_cfg(*overrides)
+    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
+    trainer.train()
+    weights = checkpointing.full_state_dict(trainer.model)
+    return weights if rank == 0 else None
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(records):
+    """Everything but wall-clock speed and the packing layout (which depends on the micro-batch)."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "padding_fraction", "memory/peak_gb")} for r in records]
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    assert len(a) == len(b)
+    for ra, rb in zip(comparable(a), comparable(b)):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=1e-6), (k, ra, rb)
+
+
+def test_two_ranks_and_accumulation_equal_one_process(tmp_path):
+    runs = {
+        "1 rank, no accumulation": (1, 1),
+        "1 rank, 4 micro-batches": (1, 4),
+        "2 ranks, 2 micro-batches": (2, 2),
+    }
+    results = {}
+    for name, (world, accum) in runs.items():
+        run_dir = tmp_path / f"w{world}a{accum}"
+        weights = run_ranks(train_run, world, tmp_path, fast_overrides(run_dir) + [f"gradient_accumulation_steps={accum}"])[0]
+        results[name] = (metrics(run_dir), weights)
+    (ref_metrics, ref_weights) = results["1 rank, no accumulation"]
+    assert ref_metrics[-1]["step"] == 6 and ref_metrics[-1]["eval/loss"] < ref_metrics[0]["eval/loss"]
+    for name in list(runs)[1:]:
+        got_metrics, got_weights = results[name]
+        assert_same_run(got_metrics, ref_metrics)
+        for k in ref_weights:
+            torch.testing.assert_close(got_weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+
+
+def test_run_dir_holds_config_metrics_checkpoint_and_loadable_export(tmp_path, single_process):
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "save_every=16", "keep_checkpoints=2")
+    trainer = TRAINERS["SFTTrainer"](cfg, distributed.device())
+    trainer.train()
+    run = tmp_path / "run"
+    assert OmegaConf.load(run / "config.yaml").run_dir == str(run)
+    records = metrics(run)
+    train_keys = {"step", "examples", "tokens", "lr", "loss/train", "grad_norm", "tokens_per_s"}
+    assert train_keys <= set(records[1])
+    assert [r["step"] for r in records if "eval/loss" in r] == [0, 3, 6]
+    assert [p.name for p in checkpointing.complete(run)] == ["step-4", "step-6"]  # keep_checkpoints=2
+    # the export loads anywhere and computes what the trained (sharded) model computes
+    exported = AutoModelForCausalLM.from_pretrained(run / "LATEST")
+    tok = AutoTokenizer.from_pretrained(run / "LATEST")
+    ids = torch.tensor([tok("12+34=", add_special_tokens=False)["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_existing_checkpoints_are_not_overwritten(tmp_path, single_process):
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "n_examples=8")
+    TRAINERS["SFTTrainer"](cfg, distributed.device()).train()
+    with pytest.raises(RuntimeError, match="resume=true"):
+        TRAINERS["SFTTrainer"](cfg, distributed.device()).train()
+
+
+def test_a_half_written_checkpoint_is_not_complete(tmp_path):
+    (tmp_path / "step-3").mkdir()
+    (tmp_path / "step-3" / checkpointing.STATE_FILE).write_text("{}")
+    (tmp_path / "step-5.tmp").mkdir()  # killed while saving
+    (tmp_path / "step-7").mkdir()  # no state file: not renamed by rank 0's last act
+    assert [p.name for p in checkpointing.complete(tmp_path)] == ["step-3"]
+
+
+def test_schedule_and_counters():
+    f = warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [round(f(s), 4) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert f(14) == pytest.approx(0.1)
+    assert crossed(10, 8, 12) and not crossed(10, 10, 18) and not crossed(None, 0, 100)
+
+
+ARCHITECTURES = {
+    "llama": ("LlamaDecoderLayer", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2DecoderLayer", dict(num_key_value_heads=2)),
+    "gpt_neox": ("GPTNeoXLayer", dict()),
+    "mistral": ("MistralDecoderLayer", dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_blank_model_shards_and_trains_any_causal_lm(tmp_path, model_type, single_process):
+    block, extra = ARCHITECTURES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=262, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "weights")
+    AutoTokenizer.from_pretrained(models.REPO / "tokenizer" / "tiny").save_pretrained(tmp_path / "weights")
+
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "model=blank_model", f"model.name_or_path={tmp_path / 'weights'}",
+                   "model.fsdp_policy_mp=float32", "n_examples=64", "lr=3e-3")
+    trainer = TRAINERS["SFTTrainer"](cfg, distributed.device())
+    sharded = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+    assert sorted({type(m).__name__ for m in sharded}) == sorted({f"FSDP{block}", type(trainer.model).__name__})
+    assert len(sharded) == 1 + 2  # each decoder layer, then the root
+    trainer.train()
+    evals = [r["eval/loss"] for r in metrics(tmp_path / "run") if "eval/loss" in r]
+    assert evals[-1] < evals[0] - 0.5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "LATEST").config.model_type == model_type
+
+
+def test_block_name_override_and_unknown_block(single_process):
+    import omegaconf
+
+    model = models.load_model(omegaconf.OmegaConf.load(models.REPO / "config/model/tiny.yaml"), torch.device("cpu"))
+    assert models.block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
+        models.block_class(model, "GPT2Block")
+
+
+def test_wandb_offline_run_is_written_by_rank_0(tmp_path, single_process):
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "n_examples=16", "wandb.enabled=true", "wandb.mode=offline")
+    TRAINERS["SFTTrainer"](cfg, distributed.device()).train()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,0 +1,339 @@
+"""Trainer classes. ``Trainer`` owns the loop, sharding, checkpoints and logging; each subclass
+adds only what its algorithm needs: the row shape it reads, how a row becomes sequences, and the
+loss of a packed micro-batch.
+
+One optimizer step consumes ``batch_size`` examples (global). They are split evenly over the ranks
+and each rank's share into ``gradient_accumulation_steps`` micro-batches, each packed into rows
+with no padding between sequences. A loss is a *sum* over its units (response tokens for SFT)
+divided by the number of units in the whole global batch, counted before the forward pass, so the
+gradient is the same for any number of ranks and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.distributed.device_mesh import init_device_mesh
+
+import checkpointing
+import distributed
+import models
+from data import DataError, load_rows
+from data.packing import pack, pad
+from data.tokenize import IGNORE, tokenize_sft
+from losses import sft_loss
+
+log = logging.getLogger("train")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warmup from 0, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def crossed(every: int | None, before: int, after: int) -> bool:
+    """True when the counter passed a multiple of ``every`` going from ``before`` to ``after``."""
+    return bool(every) and after // every > before // every
+
+
+def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every position of a packed batch, in fp32, and the mask of real targets."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    targets = batch["targets"]
+    logits = out.logits.float()
+    logps = -F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+    mask = (targets != IGNORE).to(logps.dtype)
+    return logps.view_as(targets) * mask, mask
+
+
+class Trainer:
+    shape = "sft"  # the row shape this trainer reads (see data/__init__.py)
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = distributed.rank(), distributed.world()
+        self.run_dir = Path(cfg.run_dir)
+        self.check_config()
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        # data before the model: bad input stops the run before any compute is spent
+        self.train_examples = self.load_examples("train")
+        self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples]
+        n = cfg.n_examples or cfg.n_epochs * len(self.train_examples)
+        self.total_steps = n // cfg.batch_size
+        if self.total_steps < 1:
+            raise DataError(f"{n} training examples make no batch of batch_size={cfg.batch_size}")
+        log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
+                 f"{self.total_steps} steps of {cfg.batch_size}, {self.world} rank(s)")
+
+        self.model = self.build_model(cfg.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=tuple(cfg.adam_betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        self.step, self.examples_seen, self.tokens_seen, self.metric_lines = 0, 0, 0, 0
+        self._permutation = (None, None)
+        self.wandb = None
+
+    # --- what subclasses change -------------------------------------------------------------
+
+    def tokenize(self, rows: list[dict], source: str) -> list[dict]:
+        examples, stats = tokenize_sft(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
+        self.report_truncation(source, len(rows), stats)
+        return examples
+
+    def sequences(self, example: dict) -> list[dict]:
+        """The token sequences an example puts into a packed row (a pair puts two)."""
+        return [example]
+
+    def units(self, example: dict) -> int:
+        """What the loss is averaged over: here, the response tokens."""
+        return sum(label != IGNORE for label in example["labels"][1:])
+
+    def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Summed loss of a packed micro-batch, and extra metrics as {name: (sum, count)}."""
+        logps, mask = token_logps(self.model, batch)
+        return sft_loss(logps, mask), {}
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def check_config(self):
+        cfg, per_step = self.cfg, self.world * self.cfg.gradient_accumulation_steps
+        if cfg.batch_size % per_step:
+            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of ranks x gradient_accumulation_steps "
+                             f"= {self.world} x {cfg.gradient_accumulation_steps}")
+        if cfg.max_prompt_length >= cfg.max_length:
+            raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below max_length={cfg.max_length}")
+        if cfg.row_tokens < cfg.max_length:
+            raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
+
+    def build_model(self, model_cfg):
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        model = models.load_model(model_cfg, self.device, seed=self.cfg.seed)
+        return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
+                            block_name=model_cfg.get("block_name"),
+                            activation_checkpointing=self.cfg.activation_checkpointing)
+
+    def load_examples(self, split: str) -> list[dict]:
+        examples = []
+        for name in self.cfg.datasets:
+            rows = load_rows(name, split, self.shape, paths=OmegaConf.to_container(self.cfg.data.paths),
+                             keys=OmegaConf.to_container(self.cfg.data.columns))
+            examples += self.tokenize(rows, f"{name} ({split})")
+        return examples
+
+    def report_truncation(self, source: str, n_rows: int, stats):
+        if sum(stats.values()):
+            log.warning(f"{source}: of {n_rows} rows, " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items()))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def global_batch(self, step: int) -> list[int]:
+        """Indices of the examples of optimizer step ``step``: a fixed-seed shuffle per epoch,
+        the same on every rank and for every world size."""
+        n, size = len(self.train_examples), self.cfg.batch_size
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch, i = divmod(pos, n)
+            if self._permutation[0] != epoch:
+                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+                self._permutation = (epoch, torch.randperm(n, generator=g).tolist())
+            out.append(self._permutation[1][i])
+        return out
+
+    def micro_batches(self, indices: list[int], examples: list[dict], n_micro: int) -> list[list[dict]]:
+        share = len(indices) // self.world
+        mine = indices[self.rank * share : (self.rank + 1) * share]
+        size = share // n_micro
+        return [[examples[i] for i in mine[k * size : (k + 1) * size]] for k in range(n_micro)]
+
+    def collate(self, examples: list[dict]) -> dict:
+        seqs = [s for ex in examples for s in self.sequences(ex)]
+        if self.cfg.packing:
+            batch = pack(seqs, self.cfg.row_tokens, self.tokenizer.pad_token_id)
+        else:
+            batch = pad(seqs, self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def run_micro_batches(self, micro: list[list[dict]], train: bool) -> dict[str, list[float]]:
+        """Forward (and backward) every micro-batch; returns metric sums, already summed over ranks."""
+        units = distributed.all_sum([sum(self.units(ex) for mb in micro for ex in mb)], self.device)[0]
+        sums = defaultdict(lambda: [0.0, 0.0])
+        for mb in micro:
+            batch = self.collate(mb)
+            with torch.set_grad_enabled(train):
+                loss_sum, metrics = self.loss(batch, mb)
+                if train:
+                    # FSDP averages gradients over ranks; the loss is already a global mean
+                    (loss_sum * self.world / max(units, 1)).backward()
+            real = (batch["seq_ids"] >= 0).sum().item()
+            sums["loss"][0] += loss_sum.item()
+            for name, (value, count) in metrics.items():
+                sums[name][0] += float(value.detach() if torch.is_tensor(value) else value)
+                sums[name][1] += float(count)
+            sums["tokens"][0] += real
+            sums["padding"][0] += batch["seq_ids"].numel() - real
+        sums["loss"][1] = units / self.world  # summed over ranks below: the global count
+        names = sorted(sums)
+        flat = distributed.all_sum([x for n in names for x in sums[n]], self.device)
+        return {n: flat[2 * i : 2 * i + 2] for i, n in enumerate(names)}
+
+    def train(self):
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        elif checkpointing.complete(self.run_dir):
+            raise RuntimeError(f"{self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
+        self.start_logging()
+        if self.step == 0 and cfg.eval_at_start:
+            self.evaluate()
+        bar = None
+        if distributed.is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, dynamic_ncols=True,
+                       mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+        self.model.train()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = self.micro_batches(self.global_batch(self.step), self.train_examples, cfg.gradient_accumulation_steps)
+            sums = self.run_micro_batches(micro, train=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm.item()}; "
+                                         f"last complete checkpoint: {self.last_checkpoint()}")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            before = self.examples_seen
+            self.step += 1
+            self.examples_seen += cfg.batch_size
+            self.tokens_seen += int(sums["tokens"][0])
+            elapsed = time.perf_counter() - t0
+            record = {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": sums["tokens"][0] / elapsed,
+                      "padding_fraction": sums["padding"][0] / (sums["tokens"][0] + sums["padding"][0]),
+                      "memory/peak_gb": self.peak_memory_gb()}
+            record.update({f"{k}/train": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")})
+            self.log_metrics(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss/train']:.4f}")
+            last = self.step == self.total_steps
+            if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
+                self.evaluate()
+                self.model.train()
+            if crossed(cfg.save_every, before, self.examples_seen) or last:
+                self.save(export=True)
+        if bar is not None:
+            bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        examples = self.eval_examples
+        share = len(examples) // self.world  # equal shares: every rank runs the same number of forwards
+        mine = examples[self.rank * share : (self.rank + 1) * share]
+        size = max(1, self.cfg.eval_batch_size // self.world)
+        micro = [mine[i : i + size] for i in range(0, len(mine), size)]
+        sums = self.run_micro_batches(micro, train=False)
+        record = {f"eval/{k}": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")}
+        self.log_metrics(record)
+        log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        return record
+
+    # --- logging, checkpoints ---------------------------------------------------------------
+
+    def start_logging(self):
+        if not distributed.is_main():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.cfg.wandb.enabled:
+            import wandb
+
+            self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.get("entity"),
+                                    name=self.cfg.exp_name, dir=str(self.run_dir), mode=self.cfg.wandb.mode,
+                                    config=OmegaConf.to_container(self.cfg, resolve=True),
+                                    id=self.cfg.wandb.get("id"), resume="allow")
+
+    def log_metrics(self, record: dict):
+        if not distributed.is_main():
+            return
+        record = {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen, **record}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.metric_lines += 1
+        if self.wandb is not None:
+            self.wandb.log(record, step=self.step)
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen,
+                "metric_lines": self.metric_lines, "scheduler": self.scheduler.state_dict(),
+                "world_size": self.world}
+
+    def save(self, export: bool):
+        path = checkpointing.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                  keep=self.cfg.keep_checkpoints)
+        log.info(f"saved {path}")
+        if export:
+            checkpointing.export_hf(self.model, self.tokenizer, self.run_dir / "LATEST")
+
+    def peak_memory_gb(self) -> float:
+        """The largest peak over ranks: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        t = torch.tensor([peak], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item()
+
+    def last_checkpoint(self) -> str:
+        found = checkpointing.complete(self.run_dir)
+        return str(found[-1]) if found else "none"
+
+    def resume(self):
+        found = checkpointing.complete(self.run_dir)
+        if not found:
+            log.info(f"resume=true but {self.run_dir} has no complete checkpoint: starting fresh")
+            return
+        state = checkpointing.load(found[-1], self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples_seen, self.tokens_seen = state["step"], state["examples"], state["tokens"]
+        self.metric_lines = state["metric_lines"]
+        if distributed.is_main():  # drop what the killed run logged after its last checkpoint
+            path = self.run_dir / "metrics.jsonl"
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            path.write_text("".join(lines[: self.metric_lines]))
+        log.info(f"resumed from {found[-1]} at step {self.step}")
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning: the base trainer's loss is already the response-token NLL."""
+
+
+TRAINERS = {cls.__name__: cls for cls in (SFTTrainer,)}
