@@ -127,3 +127,15 @@ def test_batch_size_must_split_over_ranks_and_micro_batches(tmp_path, single_pro
     cfg = make_cfg(*fast_overrides(tmp_path / "run"), "batch_size=6", "gradient_accumulation_steps=4")
     with pytest.raises(ValueError, match="batch_size=6 must be a multiple"):
         TRAINERS["SFTTrainer"](cfg, distributed.device())
+
+
+def test_shipped_tokenizer_is_what_the_build_script_makes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tokenizer", models.REPO / "scripts" / "build_tokenizer.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.build().save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / name).read_text() == (models.REPO / "tokenizer" / "tiny" / name).read_text()
+    assert "".join(TOK.decode(TOK("héllo 12+3= {}", add_special_tokens=False)["input_ids"])) == "héllo 12+3= {}"
