@@ -9,6 +9,7 @@ complete and a run killed mid-save resumes from the previous one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -104,24 +105,41 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None):
-    """Collective: write a ``save_pretrained`` directory (safetensors + tokenizer), atomically swapped in."""
-    weights = full_state_dict(model)
+def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None):
+    """Rank 0: a ``from_pretrained`` directory (sharded safetensors, config, tokenizer), written
+    beside the target and swapped in, so a reader never sees a half-written export."""
+    from huggingface_hub import save_torch_state_dict
+
     out = Path(out_dir)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir(parents=True)
+    # a tensor that is a view into a larger buffer (one rank's shard is the whole) is copied out,
+    # else safetensors would refuse it or save the whole buffer
+    weights = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in weights.items()}
+    save_torch_state_dict(weights, tmp, max_shard_size="5GB")
+    config = copy.deepcopy(config)
+    config.use_cache = True  # training turns the KV cache off; whoever loads the export generates
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_hf(model, tokenizer, out_dir: str | Path):
+    """Collective: export a causal LM for ``AutoModelForCausalLM.from_pretrained``."""
+    weights = full_state_dict(model)
     if distributed.is_main():
-        tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-        for p in (tmp, old):
-            if p.exists():
-                shutil.rmtree(p)
-        if dtype is not None:
-            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        model.config.use_cache = True  # training turns the KV cache off; whoever loads the export generates
-        model.save_pretrained(tmp, state_dict=weights)
-        model.config.use_cache = False
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
+        tied = getattr(model, "_tied_weights_keys", None)
+        if model.config.tie_word_embeddings and isinstance(tied, dict):
+            for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load
+                weights.pop(key, None)
+        write_hf(out_dir, weights, model.config, tokenizer, getattr(model, "generation_config", None))
     _barrier()

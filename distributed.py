@@ -51,6 +51,11 @@ def close():
         dist.destroy_process_group()
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -7,6 +7,7 @@ random init (``init``: a transformers config dict, used by ``model=tiny`` and th
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -96,3 +97,61 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM with a scalar head: ``score(h_t)`` read at the last token of each sequence.
+
+    The LM head stays so that a reward model can also keep an LM loss (seed 000's
+    ``logexpwithlm``). ``export_weights`` renames the weights to the layout of transformers'
+    ``<Arch>ForSequenceClassification`` (backbone + ``score``), so the export loads with
+    ``AutoModelForSequenceClassification``.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self._no_split_modules = lm._no_split_modules
+        hidden = lm.config.hidden_size
+        self.score = torch.nn.Linear(hidden, 1, bias=False, dtype=lm.dtype)
+        torch.nn.init.normal_(self.score.weight, std=1 / (hidden + 1))
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.lm.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids, position_ids, with_logits: bool = False):
+        """(per-token scores [R, L], LM logits [R, L, V] or None). The root's forward is what FSDP
+        wraps, so every use of the backbone goes through here."""
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        scores = self.score(hidden).squeeze(-1)
+        logits = self.lm.get_output_embeddings()(hidden) if with_logits else None
+        return scores, logits
+
+    def export_weights(self, weights: dict) -> tuple[dict, object]:
+        """Full state dict of this module -> (weights, config) of the sequence-classification model."""
+        prefix = self.lm.base_model_prefix
+        out = {}
+        for k, v in weights.items():
+            if k.startswith(f"lm.{prefix}."):
+                out[k[len("lm."):]] = v
+            elif k == "score.weight":
+                out[k] = v
+        config = copy.deepcopy(self.lm.config)
+        arch = type(self.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
+        config.architectures, config.num_labels = [arch], 1
+        return out, config
+
+
+def load_reward_model(model_cfg, device: torch.device, seed: int = 0) -> RewardModel:
+    """A reward model initialised from a causal LM (e.g. the SFT export) with a fresh head, or
+    resumed from a reward-model export (which has a ``score`` head already)."""
+    path = weights_path(model_cfg)
+    lm = load_model(model_cfg, device, seed=seed)
+    rm = RewardModel(lm)
+    if path is not None and AutoConfig.from_pretrained(path).architectures[0].endswith("ForSequenceClassification"):
+        from transformers import AutoModelForSequenceClassification
+
+        trained = AutoModelForSequenceClassification.from_pretrained(path, dtype=lm.dtype)
+        rm.score.weight.data.copy_(trained.score.weight.data)
+    return rm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -29,8 +30,9 @@ import distributed
 import models
 from data import DataError, load_rows
 from data.packing import pack, pad
-from data.tokenize import IGNORE, tokenize_sft
+from data.tokenize import IGNORE, tokenize_pairs, tokenize_sft
 from losses import sft_loss
+from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 
 log = logging.getLogger("train")
 
@@ -52,14 +54,32 @@ def crossed(every: int | None, before: int, after: int) -> bool:
     return bool(every) and after // every > before // every
 
 
-def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) at every position of a packed batch, in fp32, and the mask of real targets."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    targets = batch["targets"]
-    logits = out.logits.float()
-    logps = -F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every position, in fp32, zero where there is no target; and that mask."""
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
     mask = (targets != IGNORE).to(logps.dtype)
     return logps.view_as(targets) * mask, mask
+
+
+def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_logps`` of a causal LM's forward over a packed batch."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return target_logps(out.logits, batch["targets"])
+
+
+def per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum ``values`` ([R, L]) over each packed sequence's positions -> [n]."""
+    valid = seq_ids >= 0
+    return values.new_zeros(n).index_add(0, seq_ids[valid], values[valid])
+
+
+def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat index (into ``seq_ids.flatten()``) of each sequence's last token -> [n]."""
+    flat = seq_ids.flatten()
+    valid = flat >= 0
+    positions = torch.arange(flat.numel(), device=flat.device)
+    return torch.zeros(n, dtype=torch.long, device=flat.device).scatter_reduce(
+        0, flat[valid], positions[valid], reduce="amax", include_self=False)
 
 
 class Trainer:
@@ -109,6 +129,13 @@ class Trainer:
         """Summed loss of a packed micro-batch, and extra metrics as {name: (sum, count)}."""
         logps, mask = token_logps(self.model, batch)
         return sft_loss(logps, mask), {}
+
+    def before_training(self):
+        """Runs once the model is built and any checkpoint restored, before the first eval."""
+
+    def export(self, out_dir: Path):
+        """Collective: the Hugging Face directory the next stage loads."""
+        checkpointing.export_hf(self.model, self.tokenizer, out_dir)
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -200,6 +227,7 @@ class Trainer:
         elif checkpointing.complete(self.run_dir):
             raise RuntimeError(f"{self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
         self.start_logging()
+        self.before_training()
         if self.step == 0 and cfg.eval_at_start:
             self.evaluate()
         bar = None
@@ -297,7 +325,7 @@ class Trainer:
                                   keep=self.cfg.keep_checkpoints)
         log.info(f"saved {path}")
         if export:
-            checkpointing.export_hf(self.model, self.tokenizer, self.run_dir / "LATEST")
+            self.export(self.run_dir / "LATEST")
 
     def peak_memory_gb(self) -> float:
         """The largest peak over ranks: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
@@ -336,4 +364,158 @@ class SFTTrainer(Trainer):
     """Supervised fine-tuning: the base trainer's loss is already the response-token NLL."""
 
 
-TRAINERS = {cls.__name__: cls for cls in (SFTTrainer,)}
+class PairTrainer(Trainer):
+    """Trainers that read preference pairs: both replies of a pair go into the same packed
+    micro-batch, chosen at sequence index 2i and rejected at 2i + 1; the loss is a mean over pairs."""
+
+    shape = "pref"
+
+    def tokenize(self, rows: list[dict], source: str) -> list[dict]:
+        examples, stats = tokenize_pairs(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
+        self.report_truncation(source, len(rows), stats)
+        return examples
+
+    def sequences(self, example: dict) -> list[dict]:
+        return [example["chosen"], example["rejected"]]
+
+    def units(self, example: dict) -> int:
+        return 1
+
+    @staticmethod
+    def pair_metrics(r_c, r_r, **extra) -> dict:
+        n = len(r_c)
+        out = {"rewards/chosen": (r_c.sum(), n), "rewards/rejected": (r_r.sum(), n),
+               "rewards/accuracy": ((r_c > r_r).float().sum(), n), "rewards/margin": ((r_c - r_r).sum(), n)}
+        out.update({k: (v.detach().sum(), n) for k, v in extra.items()})
+        return out
+
+
+class PreferenceTrainer(PairTrainer):
+    """The DPO family: ``loss.name`` is one of dpo, cdpo, ipo, kto, simpo, orpo (losses/preference.py).
+
+    The reference model is the policy's starting point, sharded like it and frozen; or, with
+    ``loss.precompute_ref_logps=true``, its log-probs are computed in one pass before training and
+    saved to ``run_dir/reference_logps.pt``, so training holds one model.
+    """
+
+    REFERENCE_FREE = ("simpo", "orpo")
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        self.needs_reference = cfg.loss.name not in self.REFERENCE_FREE and not cfg.loss.get("reference_free", False)
+        self.reference = None
+        if self.needs_reference and not cfg.loss.get("precompute_ref_logps", False):
+            self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
+
+    def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
+        loss = self.cfg.loss
+        if loss.name in ("dpo", "cdpo"):
+            return dpo_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.get("label_smoothing", 0.0))
+        if loss.name == "ipo":
+            return ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, loss.beta)
+        if loss.name == "kto":
+            return kto_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.desirable_weight, loss.undesirable_weight)
+        if loss.name == "simpo":
+            return simpo_loss(pi_c / n_c, pi_r / n_r, loss.beta, loss.gamma)
+        if loss.name == "orpo":
+            return orpo_loss(pi_c / n_c, pi_r / n_r, loss.beta)
+        raise ValueError(f"loss.name={loss.name!r} is not a preference loss: dpo, cdpo, ipo, kto, simpo, orpo")
+
+    def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
+        n = 2 * len(examples)
+        logps, mask = token_logps(self.model, batch)
+        seq_logps, seq_tokens = per_sequence(logps, batch["seq_ids"], n), per_sequence(mask, batch["seq_ids"], n)
+        if not self.needs_reference:
+            ref = torch.zeros_like(seq_logps)
+        elif self.reference is not None:
+            with torch.no_grad():
+                ref = per_sequence(token_logps(self.reference, batch)[0], batch["seq_ids"], n)
+        else:
+            ref = torch.tensor([x for ex in examples for x in ex["ref"]], device=self.device, dtype=seq_logps.dtype)
+        losses, r_c, r_r = self.pair_losses(seq_logps[0::2], seq_logps[1::2], seq_tokens[0::2], seq_tokens[1::2],
+                                            ref[0::2], ref[1::2])
+        metrics = self.pair_metrics(r_c, r_r, **{"logps/chosen": seq_logps[0::2], "logps/rejected": seq_logps[1::2]})
+        return losses.sum(), metrics
+
+    def before_training(self):
+        if not self.needs_reference or self.reference is not None:
+            return
+        path = self.run_dir / "reference_logps.pt"
+        distributed.barrier()  # every rank looks before rank 0 may write it
+        if path.exists():
+            saved = torch.load(path)
+        elif self.step > 0:
+            raise RuntimeError(f"resuming at step {self.step} but {path} is missing: the reference is gone")
+        else:
+            used = sorted({i for step in range(self.total_steps) for i in self.global_batch(step)})
+            saved = {"train": dict(zip(used, self.pair_logps([self.train_examples[i] for i in used]))),
+                     "eval": dict(enumerate(self.pair_logps(self.eval_examples)))}
+            if distributed.is_main():
+                torch.save(saved, path.with_suffix(".tmp"))
+                os.replace(path.with_suffix(".tmp"), path)
+            log.info(f"precomputed reference log-probs of {len(saved['train'])} + {len(saved['eval'])} pairs")
+        for examples, logps in ((self.train_examples, saved["train"]), (self.eval_examples, saved["eval"])):
+            for i, pair in logps.items():  # only the pairs the run will use
+                examples[i]["ref"] = pair
+
+    @torch.no_grad()
+    def pair_logps(self, examples: list[dict]) -> list[tuple[float, float]]:
+        """(chosen, rejected) summed log-probs of every pair under the current model, computed on
+        all ranks (equal shares, the last round padded with repeats) and gathered everywhere."""
+        self.model.eval()
+        size = max(1, self.cfg.eval_batch_size // self.world)
+        per_round = size * self.world
+        order = list(range(len(examples)))
+        order += order[: -len(order) % per_round]
+        mine = []
+        for start in range(0, len(order), per_round):
+            idx = order[start + self.rank * size : start + (self.rank + 1) * size]
+            batch = self.collate([examples[i] for i in idx])
+            seq = per_sequence(token_logps(self.model, batch)[0], batch["seq_ids"], 2 * len(idx)).tolist()
+            mine += [(i, seq[2 * k], seq[2 * k + 1]) for k, i in enumerate(idx)]
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, mine)
+        out = [None] * len(examples)
+        for part in parts:
+            for i, c, r in part:
+                out[i] = (c, r)
+        self.model.train()
+        return out
+
+
+class RewardTrainer(PairTrainer):
+    """Reward model: a scalar head on the last token (the end-of-turn token) of each sequence,
+    trained with the Bradley-Terry loss, optionally with a margin and, as seed 000's
+    ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
+    with ``AutoModelForSequenceClassification``."""
+
+    def build_model(self, model_cfg):
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        model = models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
+        return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
+                            block_name=model_cfg.get("block_name"),
+                            activation_checkpointing=self.cfg.activation_checkpointing)
+
+    def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
+        n, lm_coef = 2 * len(examples), self.cfg.loss.lm_coef
+        scores, logits = self.model(batch["input_ids"], batch["position_ids"], with_logits=lm_coef > 0)
+        rewards = scores.float().flatten()[last_positions(batch["seq_ids"], n)]
+        r_c, r_r = rewards[0::2], rewards[1::2]
+        total = bradley_terry_loss(r_c, r_r, self.cfg.loss.margin).sum()
+        extra = {}
+        if lm_coef > 0:  # mean NLL per token of each chosen reply
+            logps, mask = target_logps(logits, batch["targets"])
+            nll = -per_sequence(logps, batch["seq_ids"], n)[0::2] / per_sequence(mask, batch["seq_ids"], n)[0::2]
+            total = total + lm_coef * nll.sum()
+            extra["lm/nll_chosen"] = nll
+        return total, self.pair_metrics(r_c.detach(), r_r.detach(), **extra)
+
+    def export(self, out_dir: Path):
+        weights = checkpointing.full_state_dict(self.model)
+        if distributed.is_main():
+            weights, config = self.model.export_weights(weights)
+            checkpointing.write_hf(out_dir, weights, config, self.tokenizer)
+        distributed.barrier()
+
+
+TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer)}

@@ -76,3 +76,24 @@ def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "
     if not examples:
         raise DataError(f"{source}: no example left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str = "keep_end"):
+    """Preference rows to ``{"chosen": example, "rejected": example}``, both with the same prompt
+    (truncated together, so the pair still differs only in the reply)."""
+    stats, examples = Counter(), []
+    for i, row in enumerate(rows, start=1):
+        place = origin(row, source, i)
+        replies = [response_ids(tokenizer, row["chosen"]), response_ids(tokenizer, row["rejected"])]
+        kept = fit(prompt_ids(tokenizer, row["prompt"]), replies, limits, stats, place, mode)
+        if kept is None:
+            continue
+        p, (c, r) = kept
+        if c == r:  # truncation can cut two replies down to the same prefix
+            stats["identical_after_truncation"] += 1
+            continue
+        examples.append({side: {"input_ids": p + ids, "labels": [IGNORE] * len(p) + ids}
+                         for side, ids in (("chosen", c), ("rejected", r))})
+    if not examples:
+        raise DataError(f"{source}: no pair left after truncation_mode={mode!r} ({dict(stats)})")
+    return examples, stats
