@@ -141,5 +141,7 @@ def export_hf(model, tokenizer, out_dir: str | Path):
         if model.config.tie_word_embeddings and isinstance(tied, dict):
             for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load
                 weights.pop(key, None)
-        write_hf(out_dir, weights, model.config, tokenizer, getattr(model, "generation_config", None))
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        write_hf(out_dir, weights, config, tokenizer, getattr(model, "generation_config", None))
     _barrier()

@@ -84,3 +84,4 @@ def setup_logging(log_file: str | None = None):
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
+    logging.getLogger("huggingface_hub").setLevel(logging.WARNING)  # one line per export otherwise

@@ -149,7 +149,7 @@ def load_reward_model(model_cfg, device: torch.device, seed: int = 0) -> RewardM
     path = weights_path(model_cfg)
     lm = load_model(model_cfg, device, seed=seed)
     rm = RewardModel(lm)
-    if path is not None and AutoConfig.from_pretrained(path).architectures[0].endswith("ForSequenceClassification"):
+    if path is not None and (AutoConfig.from_pretrained(path).architectures or [""])[0].endswith("ForSequenceClassification"):
         from transformers import AutoModelForSequenceClassification
 
         trained = AutoModelForSequenceClassification.from_pretrained(path, dtype=lm.dtype)

@@ -149,9 +149,13 @@ class Trainer:
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
 
+    def load_model(self, model_cfg):
+        """The unsharded model, full precision, on CPU."""
+        return models.load_model(model_cfg, self.device, seed=self.cfg.seed)
+
     def build_model(self, model_cfg):
         mesh = init_device_mesh(self.device.type, (self.world,))
-        model = models.load_model(model_cfg, self.device, seed=self.cfg.seed)
+        model = self.load_model(model_cfg)
         return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
                             block_name=model_cfg.get("block_name"),
                             activation_checkpointing=self.cfg.activation_checkpointing)
@@ -309,6 +313,7 @@ class Trainer:
         if not distributed.is_main():
             return
         record = {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen, **record}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.metric_lines += 1
@@ -392,6 +397,9 @@ class PairTrainer(Trainer):
 
 class PreferenceTrainer(PairTrainer):
     """The DPO family: ``loss.name`` is one of dpo, cdpo, ipo, kto, simpo, orpo (losses/preference.py).
+    ``loss.rpo_alpha`` > 0 adds alpha times each chosen reply's per-token NLL (RPO, Pang et al. 2024,
+    arXiv:2404.19733), which stops DPO from lowering the chosen reply's likelihood along with the
+    rejected one's.
 
     The reference model is the policy's starting point, sharded like it and frozen; or, with
     ``loss.precompute_ref_logps=true``, its log-probs are computed in one pass before training and
@@ -434,8 +442,12 @@ class PreferenceTrainer(PairTrainer):
             ref = torch.tensor([x for ex in examples for x in ex["ref"]], device=self.device, dtype=seq_logps.dtype)
         losses, r_c, r_r = self.pair_losses(seq_logps[0::2], seq_logps[1::2], seq_tokens[0::2], seq_tokens[1::2],
                                             ref[0::2], ref[1::2])
-        metrics = self.pair_metrics(r_c, r_r, **{"logps/chosen": seq_logps[0::2], "logps/rejected": seq_logps[1::2]})
-        return losses.sum(), metrics
+        extra = {"logps/chosen": seq_logps[0::2], "logps/rejected": seq_logps[1::2]}
+        if self.cfg.loss.get("rpo_alpha"):  # RPO: keep the chosen reply likely while pushing the rejected one down
+            nll = -seq_logps[0::2] / seq_tokens[0::2]
+            losses = losses + self.cfg.loss.rpo_alpha * nll
+            extra["nll/chosen"] = nll
+        return losses.sum(), self.pair_metrics(r_c, r_r, **extra)
 
     def before_training(self):
         if not self.needs_reference or self.reference is not None:
@@ -489,12 +501,8 @@ class RewardTrainer(PairTrainer):
     ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
     with ``AutoModelForSequenceClassification``."""
 
-    def build_model(self, model_cfg):
-        mesh = init_device_mesh(self.device.type, (self.world,))
-        model = models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
-        return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
-                            block_name=model_cfg.get("block_name"),
-                            activation_checkpointing=self.cfg.activation_checkpointing)
+    def load_model(self, model_cfg):
+        return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
 
     def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
         n, lm_coef = 2 * len(examples), self.cfg.loss.lm_coef

@@ -31,8 +31,9 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_chat(path: Path, n: int, max_chars: int, seed: int = 0):
-    """Prompts and responses with log-normal lengths, like real chat data (many short, a long tail)."""
+def synthetic_chat(path: Path, n: int, max_chars: int, seed: int = 0, pairs: bool = False):
+    """Prompts and responses (or chosen/rejected pairs) with log-normal lengths, like real chat
+    data: many short, a long tail."""
     rng = random.Random(seed)
     words = "the a of to and in is it you that he was for on are with as I his they be at one have this".split()
 
@@ -42,7 +43,8 @@ def synthetic_chat(path: Path, n: int, max_chars: int, seed: int = 0):
 
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": text(12), "response": text(30)}) + "\n")
+            replies = {"chosen": text(30), "rejected": text(30)} if pairs else {"response": text(30)}
+            f.write(json.dumps({"prompt": text(12), **replies}) + "\n")
 
 
 def matmul_flops(device: torch.device, threads: int) -> float:
@@ -70,16 +72,17 @@ def model_shape(export_dir: Path) -> tuple[int, int, int]:
     return n, config["num_hidden_layers"], config["hidden_size"]
 
 
-def run(layout: str, args, data: Path, workdir: Path) -> dict:
-    run_dir = workdir / layout
+def run(name: str, settings: list[str], args, data: Path, workdir: Path) -> dict:
+    """Train with ``settings`` (hydra overrides) for ``args.steps`` steps; its metrics, summarised."""
+    run_dir = workdir / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           str(REPO / "train.py"), f"run_dir={run_dir}", f"datasets=[{data}]", f"packing={layout == 'packed'}",
+           str(REPO / "train.py"), f"run_dir={run_dir}", f"datasets=[{data}]", *settings,
            f"batch_size={args.batch_size}", f"n_examples={args.batch_size * args.steps}", "eval_at_start=false",
            "eval_at_end=false", "eval_every=null", "n_eval_examples=0", "lr=1e-4", "warmup_steps=0",
            f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", *args.overrides]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"{layout} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        sys.exit(f"{name} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r][3:]  # the first steps include warm-up
     return {
@@ -108,7 +111,8 @@ def main():
         workdir = Path(tmp)
         data = workdir / "chat.jsonl"
         synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2)
-        results = {layout: run(layout, args, data, workdir) for layout in ("packed", "padded")}
+        results = {layout: run(layout, [f"packing={layout == 'packed'}"], args, data, workdir)
+                   for layout in ("packed", "padded")}
         params, layers, hidden = model_shape(Path(results["packed"]["run_dir"]) / "LATEST")
     mean_tokens = results["packed"]["mean_tokens_per_sequence"]
     flops_per_token = 6 * params + 12 * layers * hidden * mean_tokens

@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
-# The demo: a tiny Llama learns 2-digit addition by SFT on 2 CPU ranks; task accuracy before and after.
+# The demo, on 2 CPU ranks with FSDP2 and packed batches: a tiny Llama learns 2-digit addition.
+#   untrained -> SFT -> reward model (pairwise accuracy) and SFT -> DPO (task accuracy)
 #   bash scripts/demo.sh [run root, default runs/demo]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/demo}
 PY=${PY:-.venv/bin/python}
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 2"
 rm -rf "$ROOT"
+
+accuracy() {  # greedy task accuracy on 200 held-out prompts
+    $PY scripts/eval_task.py --task toy_add --model "$1" --label "$2"
+}
+
 echo "== untrained model"
-$PY scripts/eval_task.py --model tiny --task toy_add --label untrained
-echo "== SFT (2 ranks, FSDP2, packed batches)"
-$PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py loss=sft model=tiny datasets=[toy_add] \
-    exp_name=demo_sft batch_size=128 lr=3e-3 warmup_steps=30 n_examples=64000 eval_every=16000 \
-    run_dir="$ROOT/sft"
-$PY scripts/eval_task.py --model "$ROOT/sft/LATEST" --task toy_add --label after-sft
+accuracy tiny untrained
+
+echo "== SFT on toy_add"
+$TORCHRUN train.py loss=sft model=tiny datasets=[toy_add] exp_name=demo_sft \
+    batch_size=128 lr=3e-3 warmup_steps=30 n_examples=51200 eval_every=12800 run_dir="$ROOT/sft"
+accuracy "$ROOT/sft/LATEST" after-sft
+
+echo "== reward model on toy_add_pref (correct vs corrupted answers), from the SFT model"
+$TORCHRUN train.py loss=rm model=tiny model.archive="$ROOT/sft/LATEST" datasets=[toy_add_pref] exp_name=demo_rm \
+    batch_size=64 lr=1e-3 warmup_steps=10 n_examples=19200 eval_every=6400 run_dir="$ROOT/rm"
+$PY -c "import json, sys; r = json.loads(open(sys.argv[1]).readlines()[-1]); \
+print(json.dumps({'model': 'reward-model', 'held_out_pairs': 256, 'pairwise_accuracy': r['eval/rewards/accuracy']}))" \
+    "$ROOT/rm/metrics.jsonl"
+
+echo "== DPO (+ RPO's NLL term) on toy_add_pref, from the SFT model"
+$TORCHRUN train.py loss=dpo loss.beta=0.1 loss.rpo_alpha=1.0 model=tiny model.archive="$ROOT/sft/LATEST" \
+    datasets=[toy_add_pref] exp_name=demo_dpo batch_size=64 lr=3e-4 warmup_steps=10 n_examples=6400 \
+    eval_every=3200 run_dir="$ROOT/dpo"
+accuracy "$ROOT/dpo/LATEST" after-dpo

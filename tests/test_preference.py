@@ -130,3 +130,13 @@ def test_sft_rows_given_to_a_preference_loss(tmp_path, single_process):
     cfg = make_cfg(*fast_overrides(tmp_path / "run"), f"datasets=[{path}]", "loss=rm")
     with pytest.raises(DataError, match=r"sft.jsonl: holds 'sft' rows, but this loss needs 'pref' rows"):
         TRAINERS["RewardTrainer"](cfg, distributed.device())
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll(tmp_path, single_process):
+    evals = {}
+    for alpha in (0.0, 2.0):
+        cfg = make_cfg(*fast_overrides(tmp_path / f"a{alpha}"), *PREF, "loss=dpo", f"loss.rpo_alpha={alpha}", "n_examples=8")
+        evals[alpha] = TRAINERS["PreferenceTrainer"](cfg, distributed.device()).evaluate()  # before any step
+    nll = evals[2.0]["eval/nll/chosen"]
+    assert nll > 0.1  # random init: the chosen replies are unlikely
+    assert evals[2.0]["eval/loss"] == pytest.approx(evals[0.0]["eval/loss"] + 2.0 * nll, rel=1e-6)

@@ -74,6 +74,7 @@ def test_run_dir_holds_config_metrics_checkpoint_and_loadable_export(tmp_path, s
     assert [p.name for p in checkpointing.complete(run)] == ["step-4", "step-6"]  # keep_checkpoints=2
     # the export loads anywhere and computes what the trained (sharded) model computes
     exported = AutoModelForCausalLM.from_pretrained(run / "LATEST")
+    assert AutoConfig.from_pretrained(run / "LATEST").architectures == ["LlamaForCausalLM"]
     tok = AutoTokenizer.from_pretrained(run / "LATEST")
     ids = torch.tensor([tok("12+34=", add_special_tokens=False)["input_ids"]])
     trainer.model.eval()
