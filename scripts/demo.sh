@@ -23,7 +23,7 @@ accuracy "$ROOT/sft/LATEST" after-sft
 
 echo "== reward model on toy_add_pref (correct vs corrupted answers), from the SFT model"
 $TORCHRUN train.py loss=rm model=tiny model.archive="$ROOT/sft/LATEST" datasets=[toy_add_pref] exp_name=demo_rm \
-    batch_size=64 lr=1e-3 warmup_steps=10 n_examples=19200 eval_every=6400 run_dir="$ROOT/rm"
+    batch_size=64 lr=3e-4 warmup_steps=10 n_examples=19200 eval_every=6400 run_dir="$ROOT/rm"
 $PY -c "import json, sys; r = json.loads(open(sys.argv[1]).readlines()[-1]); \
 print(json.dumps({'model': 'reward-model', 'held_out_pairs': 256, 'pairwise_accuracy': r['eval/rewards/accuracy']}))" \
     "$ROOT/rm/metrics.jsonl"

