@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -231,6 +233,7 @@ class Trainer:
         elif checkpointing.complete(self.run_dir):
             raise RuntimeError(f"{self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
         self.start_logging()
+        self.catch_stop_signals()
         self.before_training()
         if self.step == 0 and cfg.eval_at_start:
             self.evaluate()
@@ -271,8 +274,14 @@ class Trainer:
             if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
                 self.evaluate()
                 self.model.train()
-            if crossed(cfg.save_every, before, self.examples_seen) or last:
+            saved = crossed(cfg.save_every, before, self.examples_seen) or last
+            if saved:
                 self.save(export=True)
+            if not last and self.stop_requested():
+                if not saved:
+                    self.save(export=False)
+                self.requeue()
+                break
         if bar is not None:
             bar.close()
         if self.wandb is not None:
@@ -293,6 +302,39 @@ class Trainer:
         self.log_metrics(record)
         log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
         return record
+
+    # --- preemption ---------------------------------------------------------------------------
+
+    def catch_stop_signals(self):
+        """SIGTERM (preemption, scancel) and SIGUSR1 (slurm's warning before the time limit) let the
+        current step finish; then every rank checkpoints and the run stops (see ``stop_requested``).
+        A second signal changes nothing: torchrun forwards what slurm may also deliver directly."""
+        self._stop_signal = 0
+
+        def note(signum, frame):
+            self._stop_signal = self._stop_signal or signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, note)
+
+    def stop_requested(self) -> bool:
+        """Collective: True on every rank if any rank caught a stop signal."""
+        flag = torch.tensor([float(self._stop_signal)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(flag.item())
+        return bool(self._stop_signal)
+
+    def requeue(self):
+        """After the stop checkpoint: on slurm's time-limit warning, put the job back in the queue
+        (it keeps its id, hence its run_dir, and resumes); otherwise just stop."""
+        name = signal.Signals(self._stop_signal).name
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.cfg.requeue_on_timeout and job and self._stop_signal == signal.SIGUSR1 and distributed.is_main():
+            log.warning(f"{name} at step {self.step}: checkpointed; requeueing slurm job {job}")
+            subprocess.run(["scontrol", "requeue", job], check=False)
+        else:
+            log.warning(f"{name} at step {self.step}: checkpointed in {self.last_checkpoint()}; stopping")
 
     # --- logging, checkpoints ---------------------------------------------------------------
 

@@ -13,8 +13,17 @@ import pytest
 from conftest import REPO, run_ranks
 from test_trainer import assert_same_run, metrics, train_run
 
-OVERRIDES = ["batch_size=8", "eval_batch_size=8", "n_examples=960", "n_eval_examples=8", "lr=1e-3",
-             "warmup_steps=2", "eval_every=160", "save_every=80", "max_length=64", "max_prompt_length=32"]
+OVERRIDES = ["batch_size=8", "eval_batch_size=8", "n_examples=640", "n_eval_examples=8", "lr=1e-3",
+             "warmup_steps=2", "eval_every=160", "max_length=64", "max_prompt_length=32"]
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run; checkpoints do not change what it logs."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_ranks(train_run, 2, tmp, [f"run_dir={tmp / 'run'}", "save_every=80", *OVERRIDES])
+    return metrics(tmp / "run")
 
 
 def torchrun(*args, **kwargs):
@@ -24,27 +33,25 @@ def torchrun(*args, **kwargs):
                             start_new_session=True, text=True, **kwargs)
 
 
-def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    reference = tmp_path / "reference"
-    run_ranks(train_run, 2, tmp_path, [f"run_dir={reference}", *OVERRIDES])
-
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, reference):
     run_dir = tmp_path / "killed"
-    job = torchrun(f"run_dir={run_dir}", *OVERRIDES)
+    job = torchrun(f"run_dir={run_dir}", "save_every=80", *OVERRIDES)
     deadline = time.time() + 240
-    while not (run_dir / "step-30").exists():  # the third checkpoint of 120 steps
+    while not (run_dir / "step-20").exists():  # the second checkpoint of 80 steps
         assert job.poll() is None, job.stdout.read()
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job, mid-run, no chance to clean up
     job.wait()
-    done_before_kill = metrics(run_dir)[-1]["step"]
-    assert done_before_kill < 120, "the job finished before it was killed; nothing was tested"
+    finished_lines = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]  # the kill may have cut the last
+    done_before_kill = json.loads(finished_lines[-1])["step"]
+    assert done_before_kill < STEPS, "the job finished before it was killed; nothing was tested"
 
-    job = torchrun(f"run_dir={run_dir}", "resume=true", *OVERRIDES)
+    job = torchrun(f"run_dir={run_dir}", "save_every=80", "resume=true", *OVERRIDES)
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out
     assert "resumed from" in out
-    assert_same_run(metrics(run_dir), metrics(reference))
+    assert_same_run(metrics(run_dir), reference)
 
 
 def test_bad_input_fails_before_training_on_every_rank(tmp_path):
@@ -55,3 +62,26 @@ def test_bad_input_fails_before_training_on_every_rank(tmp_path):
     assert job.returncode != 0
     assert f"{bad}: line 2" in out or f"{bad}: row 2" in out, out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sigterm_checkpoints_stops_and_resumes_to_the_same_metrics(tmp_path, reference):
+    overrides = [*OVERRIDES, "save_every=100000"]
+    run_dir = tmp_path / "preempted"
+    job = torchrun(f"run_dir={run_dir}", *overrides)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 10:
+        assert job.poll() is None, job.stdout.read()
+        assert time.time() < deadline, "the job made no progress in time"
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGTERM)  # to torchrun, which forwards it to every rank, as slurm's scancel does
+    out, _ = job.communicate(timeout=120)
+    assert "SIGTERM at step" in out and "stopping" in out, out
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert 0 < stopped_at < STEPS
+    assert [p.name for p in (run_dir).glob("step-*")] == [f"step-{stopped_at}"]  # save_every never came
+
+    job = torchrun(f"run_dir={run_dir}", "resume=true", *overrides)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out
+    assert f"resumed from {run_dir / f'step-{stopped_at}'}" in out
+    assert_same_run(metrics(run_dir), reference)

@@ -56,7 +56,7 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
 fi
 
 echo "launch.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}), node ${SLURM_NODEID:-?} of $SLURM_NNODES" \
-     "on $(hostname): $GPUS_PER_NODE ranks, rendezvous at $MASTER_ADDR:$MASTER_PORT" >&2
+     "on $(hostname): $GPUS_PER_NODE rank(s), rendezvous at $MASTER_ADDR:$MASTER_PORT" >&2
 
 exec "$PY" -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
