@@ -111,6 +111,11 @@ class Trainer:
         self.step, self.examples_seen, self.tokens_seen, self.metric_lines = 0, 0, 0, 0
         self._permutation = (None, None)
         self.wandb = None
+        self.sampler = None
+        if cfg.sample_during_eval:
+            from sampler import build_sampler
+
+            self.sampler = build_sampler(cfg, self.model, self.tokenizer, self.run_dir)
 
     # --- what subclasses change -------------------------------------------------------------
 
@@ -126,6 +131,12 @@ class Trainer:
     def units(self, example: dict) -> int:
         """What the loss is averaged over: here, the response tokens."""
         return sum(label != IGNORE for label in example["labels"][1:])
+
+    def prompt_ids(self, example: dict) -> list[int]:
+        """The (possibly truncated) prompt tokens of an example, as the model saw them."""
+        seq = self.sequences(example)[0]
+        n = next(i for i, label in enumerate(seq["labels"]) if label != IGNORE)
+        return seq["input_ids"][:n]
 
     def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
         """Summed loss of a packed micro-batch, and extra metrics as {name: (sum, count)}."""
@@ -299,6 +310,8 @@ class Trainer:
         micro = [mine[i : i + size] for i in range(0, len(mine), size)]
         sums = self.run_micro_batches(micro, train=False)
         record = {f"eval/{k}": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")}
+        if self.sampler is not None:
+            record.update(self.sample_eval())
         self.log_metrics(record)
         log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
         return record
@@ -335,6 +348,39 @@ class Trainer:
             subprocess.run(["scontrol", "requeue", job], check=False)
         else:
             log.warning(f"{name} at step {self.step}: checkpointed in {self.last_checkpoint()}; stopping")
+
+    def sample_eval(self) -> dict:
+        """Collective: completions for the first ``n_eval_model_samples`` eval prompts from the current
+        weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a verifier
+        for every dataset (the toy tasks), also their task accuracy."""
+        from data.toy import REWARDS
+        from sampler import SamplingParams
+
+        sync_seconds = self.sampler.sync_weights(self.model)
+        examples = self.eval_examples[: self.cfg.n_eval_model_samples]
+        mine = list(range(self.rank, len(examples), self.world))
+        params = SamplingParams(**self.cfg.eval_sampling)
+        outs = self.sampler.generate([self.prompt_ids(examples[i]) for i in mine], params)
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, [(i, o[0].text) for i, o in zip(mine, outs)])
+        self.model.eval()
+        record = {"timing/weight_sync": sync_seconds}
+        completions = dict(pair for part in parts for pair in part)
+        rows = [{"prompt": examples[i]["prompt"], "completion": completions[i]} for i in range(len(examples))]
+        verifiers = [REWARDS.get(name.removesuffix("_pref").removesuffix("_prompts")) for name in self.cfg.datasets]
+        if rows and all(verifiers) and len(set(verifiers)) == 1:
+            record["eval/task_accuracy"] = sum(verifiers[0](r["prompt"], r["completion"]) for r in rows) / len(rows)
+        if distributed.is_main():
+            out = self.run_dir / "samples" / f"step-{self.step}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if self.wandb is not None:
+                import wandb
+
+                table = wandb.Table(columns=["prompt", "completion"],
+                                    data=[[r["prompt"][-1]["content"], r["completion"]] for r in rows])
+                self.wandb.log({"eval/samples": table}, step=self.step)
+        return record
 
     # --- logging, checkpoints ---------------------------------------------------------------
 

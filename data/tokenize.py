@@ -1,7 +1,8 @@
 """Rows to token ids: chat templating and the truncation policy.
 
-A tokenized SFT example is ``{"input_ids": [...], "labels": [...]}`` with ``labels`` equal to
-``input_ids`` on response tokens and -100 on prompt tokens. Every length limit is enforced here,
+A tokenized SFT example is ``{"input_ids": [...], "labels": [...], "prompt": messages}`` with
+``labels`` equal to ``input_ids`` on response tokens and -100 on prompt tokens (``prompt`` keeps
+the conversation, for sampling and verifiers). Every length limit is enforced here,
 before training, with the offending row named; what was truncated or dropped is counted.
 """
 
@@ -72,7 +73,7 @@ def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "
         if kept is None:
             continue
         p, (r,) = kept
-        examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
+        examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt": row["prompt"]})
     if not examples:
         raise DataError(f"{source}: no example left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
@@ -92,8 +93,9 @@ def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str =
         if c == r:  # truncation can cut two replies down to the same prefix
             stats["identical_after_truncation"] += 1
             continue
-        examples.append({side: {"input_ids": p + ids, "labels": [IGNORE] * len(p) + ids}
-                         for side, ids in (("chosen", c), ("rejected", r))})
+        example = {side: {"input_ids": p + ids, "labels": [IGNORE] * len(p) + ids}
+                   for side, ids in (("chosen", c), ("rejected", r))}
+        examples.append({**example, "prompt": row["prompt"]})
     if not examples:
         raise DataError(f"{source}: no pair left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats

@@ -1,0 +1,274 @@
+"""PPO and its critic-free cousins (GRPO, RLOO, REINFORCE++), as pure functions of token tensors.
+
+Token tensors are right-padded ``[B, T]``; ``mask`` is a float ``[B, T]``, 1 on response tokens
+and 0 on padding, each row's response tokens a contiguous prefix. Whatever the padding positions
+hold (finite, of the size of log-probs and values; they are multiplied by 0, so not inf or nan),
+every ``[B, T]`` output is 0 there (``truncated_is_weight``: 1), no reduction reads them, and no
+gradient reaches them. Per-token losses come back unreduced; the trainer picks the normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WHITEN_EPS = 1e-8
+
+
+# --- masked statistics ----------------------------------------------------------------------------
+
+def masked_mean(x, mask, dim=None):
+    """Mean of ``x`` over the elements where ``mask`` is 1 (over all of them, or along ``dim``)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def _masked_var(x, mask):
+    """Biased (divide by n, unbiased=False) variance over the masked elements."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True):
+    """(x - mean) / sqrt(var + 1e-8), mean and biased variance over the masked elements; with
+    ``shift_mean=False`` the mean is added back (only the scale changes). Padding -> 0."""
+    mean, var = masked_mean(x, mask), _masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over the masked tokens (biased variances): 1 is a perfect critic,
+    0 one no better than a constant, negative one worse than that."""
+    return 1 - _masked_var(returns - values, mask) / _masked_var(returns, mask)
+
+
+def _last_token(mask):
+    """One-hot [B, T] of each row's last response token (all zero for a row without one)."""
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    return mask * (1 - next_mask)
+
+
+# --- KL and rewards -------------------------------------------------------------------------------
+
+def kl_penalty(logp, ref_logp, kind: str):
+    """Per-token estimators of KL(pi || pi_ref) from the log-probs of tokens sampled from pi
+    (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html). With
+    log r = ref_logp - logp:
+
+        k1 = -log r = logp - ref_logp            unbiased, can be negative
+        k2 = 0.5 (log r)^2                       biased, non-negative, low variance
+        k3 = (r - 1) - log r                     unbiased and non-negative (r - 1 has mean 0)
+
+    k3 is computed as expm1(log r) - log r, accurate for small log r.
+    """
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":
+        log_r = ref_logp - logp
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def token_rewards(scores, kl, mask, kl_coef: float):
+    """The per-token reward of RLHF PPO (Ziegler et al. 2019; Ouyang et al. 2022):
+
+        r_t = -kl_coef * kl_t + [t is the row's last response token] * score
+
+    ``scores`` [B] are the sequence-level scores (e.g. the reward model's), ``kl`` [B, T] a
+    per-token KL estimate (``kl_penalty``). Padding -> 0.
+    """
+    return -kl_coef * kl * mask + scores[:, None] * _last_token(mask)
+
+
+# --- advantages and returns -----------------------------------------------------------------------
+
+def discounted_returns(rewards, mask, gamma: float):
+    """REINFORCE return-to-go: G_t = sum_{k >= t} gamma^(k - t) r_k over the row's response tokens,
+    by the reverse scan G_t = r_t + gamma G_{t+1}. Padding -> 0."""
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running  # running is 0 past the row's last token
+        out[:, t] = running
+    return out * mask
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438), per row:
+
+        delta_t = r_t + gamma V_{t+1} - V_t        (V after the last response token = 0: the episode ends)
+        A_t     = delta_t + gamma lam A_{t+1}   = sum_l (gamma lam)^l delta_{t+l}
+        R_t     = A_t + V_t                        (the critic's regression target)
+
+    lam = 1 gives Monte Carlo returns minus V; lam = 0 the one-step TD error. Returns
+    ``(advantages, returns)``, both 0 on padding, both without gradient.
+    """
+    with torch.no_grad():
+        rewards, values = rewards * mask, values * mask
+        advantages = torch.zeros_like(rewards)
+        next_value = torch.zeros_like(values[:, 0])
+        next_adv = torch.zeros_like(values[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+            next_value = values[:, t]  # 0 on padding, so the step past the last token sees V = 0
+            advantages[:, t] = next_adv
+        return advantages, (advantages + values) * mask
+
+
+def grpo_advantages(scores, group_size: int, scale: bool = True, eps: float = 1e-6):
+    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300):
+
+        A_i = (s_i - mean(group)) / (std(group) + eps)     (scale=True)
+        A_i =  s_i - mean(group)                           (scale=False; Dr. GRPO, arXiv:2503.20783)
+
+    ``scores`` [N] are ordered in groups of ``group_size`` consecutive samples of one prompt. The
+    std is the UNBIASED sample std (divide by k - 1), torch.std's default, as in TRL's
+    GRPOTrainer (and verl); the paper does not say which. A group of size 1 has no defined
+    unbiased std; its centred score is 0, so its advantage is 0. Returns [N]; the trainer
+    broadcasts it over the response tokens.
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.reshape(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred)
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores, group_size: int):
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740; Kool et al. 2019): each sample's baseline is
+    the mean score of the other k - 1 samples of its group,
+
+        A_i = s_i - 1/(k-1) sum_{j != i} s_j  =  k/(k-1) (s_i - mean(group)),
+
+    so the advantages of a group sum to 0. Needs k >= 2. Returns [N].
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs group_size >= 2 (the leave-one-out baseline of one sample is empty)")
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.reshape(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards, mask, gamma: float = 1.0):
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262): no critic; the token-level return-to-go of the
+    per-token rewards (``token_rewards``: the score at the last token minus the KL penalty at
+    every token), whitened over all response tokens of the whole batch:
+
+        A_t = whiten( sum_{k >= t} gamma^(k - t) r_k )
+
+    Padding -> 0.
+    """
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float | None = None,
+                    is_weight=None):
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347), per token:
+
+        r_t = exp(logp_t - old_logp_t)
+        L_t = -min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)   [* is_weight_t]
+
+    ``clip_high`` defaults to ``clip_low``; a larger one is DAPO's decoupled "clip-higher"
+    (Yu et al. 2025, arXiv:2503.14476). ``advantages`` is [B, T], or [B] (one per sequence, as
+    from GRPO/RLOO) and is then broadcast over the tokens; it is treated as a constant (detached).
+    ``is_weight`` is an optional per-token truncated importance weight (``truncated_is_weight``),
+    also detached. Returns the per-token loss [B, T] (0 on padding) and detached metrics:
+    ``clipfrac``, the fraction of response tokens on which the clipped branch is active (zero
+    gradient), and ``approx_kl``, the masked mean of 0.5 (logp - old_logp)^2.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    advantages = advantages.detach()
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    log_ratio = (logp - old_logp) * mask  # ratio 1 on padding, whatever is stored there
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped) * mask
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    metrics = {
+        "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask).detach(),
+        "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).detach(),
+    }
+    return loss, metrics
+
+
+def truncated_is_weight(old_logp, sampler_logp, cap: float, mask=None):
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"): the inference engine (vLLM) that sampled the tokens and
+    the trainer disagree slightly on their log-probs, so the samples are off-policy for the
+    trainer's pi_old. Each token's loss is reweighted by
+
+        w_t = min(exp(old_logp_t - sampler_logp_t), cap)
+
+    Detached, and in [0, cap] even for garbage padding values. Pass ``mask`` to get exactly 1 on
+    padding whatever is stored there (without it, padding gets 1 only where the two log-probs agree).
+    """
+    with torch.no_grad():
+        log_w = old_logp - sampler_logp
+        if mask is None:
+            return torch.clamp(torch.exp(log_w), max=cap)
+        return torch.clamp(torch.exp(log_w * mask), max=cap) * mask + (1 - mask)
+
+
+def value_loss(values, old_values, returns, mask, clip: float | None):
+    """The critic's loss with PPO value clipping (OpenAI baselines ppo2, TRL):
+
+        v_clip = old + clamp(v - old, -c, c)
+        L_t    = 0.5 max((v - R)^2, (v_clip - R)^2)
+
+    ``clip=None`` gives the plain 0.5 (v - R)^2. Per token, 0 on padding.
+    """
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (v_clip - returns) ** 2)
+    return 0.5 * loss * mask
+
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) along the last dimension, H = logsumexp(l) - sum softmax(l) l,
+    stable for large logits. [..., V] -> [...]. Logits must be finite."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+# --- KL coefficient controllers -------------------------------------------------------------------
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv:1909.08593, section 2.2):
+
+        e      = clip(KL / target - 1, -0.2, 0.2)
+        beta  *= 1 + e * n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int):
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """A constant KL coefficient, with AdaptiveKLController's interface."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int):
+        pass
