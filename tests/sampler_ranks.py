@@ -1,6 +1,6 @@
 """Helpers for tests/test_sampler.py, and its 2-rank vLLM check as a program of its own:
 
-    torchrun --standalone --nproc_per_node 2 tests/sampler_ranks.py OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/sampler_ranks.py OUT_DIR WEIGHTS.pt
 
 (vLLM cannot run in ranks forked from pytest: a fork inherits the parent's process group and
 vLLM's global state, so this runs under torchrun.) Each rank writes ``OUT_DIR/rank<r>.json``.
@@ -44,23 +44,41 @@ def make_cfg(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def tiny_model(device, world: int, seed: int = 0):
-    """The tiny Llama (fp32), sharded with FSDP2 over ``world`` ranks as the trainer does."""
-    model = models.load_model(OmegaConf.load(TINY), device, seed=seed)
+def tiny_model(device, world: int, weights: dict | None = None):
+    """The tiny Llama (fp32; random init, or ``weights``), sharded with FSDP2 over ``world``
+    ranks as the trainer does."""
+    model = models.load_model(OmegaConf.load(TINY), device, seed=0)
+    if weights is not None:
+        model.load_state_dict(weights)
     return models.shard(model, init_device_mesh(device.type, (world,)))
+
+
+def trained_weights(steps: int = 40) -> dict:
+    """The tiny model's weights after a few SFT steps on TASK (one process)."""
+    model = models.load_model(OmegaConf.load(TINY), torch.device("cpu"), seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sft_steps(model, optimizer, sft_examples(tokenizer(), 256), steps=steps)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def tokenizer():
     return models.load_tokenizer(OmegaConf.load(TINY))
 
 
+# Sorting digits: after ~40 SFT steps the tiny model's greedy replies vary in length and end with
+# EOS ("1 1 3 8<|end|>"), which exercises more than a random init's endless repetition does.
+TASK = "toy_sort"
+
+
 def prompts(tok, n: int, start: int = 0) -> list[list[int]]:
-    return [prompt_ids(tok, [{"role": "user", "content": f"{i % 100}+{(7 * i) % 100}="}]) for i in range(start, start + n)]
+    rows = load_rows(f"{TASK}_prompts", "test", "prompt")[start : start + n]
+    assert len(rows) == n, f"the test split has no prompts {start}..{start + n - 1}"
+    return [prompt_ids(tok, r["prompt"]) for r in rows]
 
 
 def sft_examples(tok, n: int) -> list[dict]:
     limits = OmegaConf.create({"max_length": 64, "max_prompt_length": 32})
-    return tokenize_sft(load_rows("toy_add", "train", "sft")[:n], tok, limits, "toy_add")[0]
+    return tokenize_sft(load_rows(TASK, "train", "sft")[:n], tok, limits, TASK)[0]
 
 
 def sft_steps(model, optimizer, examples: list[dict], steps: int, per_step: int = 16):
@@ -95,17 +113,16 @@ def max_logp_diff(recomputed: list[list[float]], samples) -> float:
     return max(diffs, default=0.0)
 
 
-def two_rank_vllm(out_dir: Path):
+def two_rank_vllm(out_dir: Path, weights_file: Path):
     """Under torchrun: FSDP2 over 2 ranks, an engine per rank, syncs, seeds, uneven prompts."""
     from sampler import HFSampler, SamplingParams, build_sampler
 
     device = distributed.init(timeout_minutes=3)
     rank, world = distributed.rank(), distributed.world()
     tok = tokenizer()
-    model = tiny_model(device, world)
+    model = tiny_model(device, world, torch.load(weights_file))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     examples = sft_examples(tok, 256)
-    sft_steps(model, optimizer, examples[rank::world], steps=10)  # each rank its own data
     cfg = make_cfg(f"run_dir={out_dir}", sampler_override("vllm"), "max_length=128")
     vllm = build_sampler(cfg, model, tok, out_dir)
     hf = HFSampler(model, tok, batch_size=4)
@@ -113,7 +130,7 @@ def two_rank_vllm(out_dir: Path):
     greedy = SamplingParams(temperature=0, max_new_tokens=16)
     rec = {"rank": rank, "engine_seed": cfg.sampler.seed + rank}
     rec["parity_before"] = [a[0].token_ids == b[0].token_ids for a, b in zip(vllm.generate(mine, greedy), hf.generate(mine, greedy))]
-    sft_steps(model, optimizer, examples[rank::world], steps=5, per_step=8)
+    sft_steps(model, optimizer, examples[rank::world], steps=5, per_step=8)  # each rank its own data
     stale = vllm.generate(mine, greedy)
     rec["sync_seconds"] = vllm.sync_weights(model)
     after, after_hf = vllm.generate(mine, greedy), hf.generate(mine, greedy)
@@ -132,4 +149,4 @@ def two_rank_vllm(out_dir: Path):
 
 
 if __name__ == "__main__":
-    two_rank_vllm(Path(sys.argv[1]))
+    two_rank_vllm(Path(sys.argv[1]), Path(sys.argv[2]))
