@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,11 +31,6 @@ import distributed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -60,11 +54,11 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
     tmp = final.with_name(final.name + ".tmp")
     if distributed.is_main() and tmp.exists():
         shutil.rmtree(tmp)  # left by a run that died while saving
-    _barrier()
+    distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
-    _barrier()
+    distributed.barrier()
     if distributed.is_main():
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         if final.exists():
@@ -73,7 +67,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
         if keep:
             for old in complete(run_dir)[:-keep]:
                 shutil.rmtree(old)
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -133,6 +127,15 @@ def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_c
         shutil.rmtree(old)
 
 
+def hf_config(model):
+    """A copy of a (possibly FSDP-wrapped) HF model's config that names its architecture: a model
+    built with ``from_config`` has none, and loaders (vLLM, Auto classes) pick the class by it."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    config.use_cache = True  # training turns the KV cache off; whoever loads the export generates
+    return config
+
+
 def export_hf(model, tokenizer, out_dir: str | Path):
     """Collective: export a causal LM for ``AutoModelForCausalLM.from_pretrained``."""
     weights = full_state_dict(model)
@@ -141,7 +144,5 @@ def export_hf(model, tokenizer, out_dir: str | Path):
         if model.config.tie_word_embeddings and isinstance(tied, dict):
             for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load
                 weights.pop(key, None)
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__.removeprefix("FSDP")]
-        write_hf(out_dir, weights, config, tokenizer, getattr(model, "generation_config", None))
-    _barrier()
+        write_hf(out_dir, weights, hf_config(model), tokenizer, getattr(model, "generation_config", None))
+    distributed.barrier()

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpointing
 import distributed
 
 log = logging.getLogger("train")
@@ -391,10 +392,7 @@ def write_model_dir(model, tokenizer, out_dir: str | Path):
     """A directory vLLM can build the architecture from: config and tokenizer, no weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__.removeprefix("FSDP")]  # vLLM picks its model class by it
-    config.use_cache = True
-    config.save_pretrained(out)
+    checkpointing.hf_config(model).save_pretrained(out)  # vLLM picks its model class by `architectures`
     tokenizer.save_pretrained(out)
 
 
