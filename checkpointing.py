@@ -48,15 +48,26 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def _states(model, optimizer, extra: dict | None) -> dict:
+    """The DCP state of the trained model and of any others trained alongside (PPO's critic)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    for name, (m, o) in (extra or {}).items():
+        m_sd, o_sd = get_state_dict(m, o)
+        state[name] = {"model": m_sd, "optim": o_sd}
+    return state
+
+
+def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep: int | None = None,
+         extra: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. ``extra``: {name: (model,
+    optimizer)} of models trained alongside, saved in the same checkpoint."""
     final = Path(run_dir) / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if distributed.is_main() and tmp.exists():
         shutil.rmtree(tmp)  # left by a run that died while saving
     distributed.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save(_states(model, optimizer, extra), checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
@@ -81,13 +92,15 @@ def complete(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load(path: str | Path, model, optimizer) -> dict:
-    """Collective: restore model, optimizer and this rank's RNG; returns the trainer state."""
+def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
+    """Collective: restore model, optimizer (and ``extra``, as in ``save``) and this rank's RNG;
+    returns the trainer state."""
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _states(model, optimizer, extra)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (m, o) in (extra or {}).items():
+        set_state_dict(m, o, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
     rng_file = path / f"rng-rank{distributed.rank()}.pt"
     if rng_file.exists():  # absent when resuming on a different number of ranks
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -30,11 +30,16 @@ from torch.distributed.device_mesh import init_device_mesh
 import checkpointing
 import distributed
 import models
+import rewards
 from data import DataError, load_rows
-from data.packing import pack, pad
-from data.tokenize import IGNORE, tokenize_pairs, tokenize_sft
+from data.packing import pack, pad, unpack
+from data.tokenize import IGNORE, prompt_ids, response_ids, tokenize_pairs, tokenize_prompts, tokenize_sft
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
+from losses.rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
+                       grpo_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
+                       reinforce_pp_advantages, rloo_advantages, token_rewards, truncated_is_weight, value_loss)
+from sampler import SamplingParams
 
 log = logging.getLogger("train")
 
@@ -86,6 +91,8 @@ def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
 
 class Trainer:
     shape = "sft"  # the row shape this trainer reads (see data/__init__.py)
+    token_fields: tuple[str, ...] = ()  # per-token float fields of a sequence that collate packs (RL)
+    needs_sampler = False  # generates during training (RL); otherwise only with sample_during_eval
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -97,22 +104,21 @@ class Trainer:
         self.train_examples = self.load_examples("train")
         self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples]
         n = cfg.n_examples or cfg.n_epochs * len(self.train_examples)
-        self.total_steps = n // cfg.batch_size
+        self.total_steps = n // self.examples_per_step()
         if self.total_steps < 1:
-            raise DataError(f"{n} training examples make no batch of batch_size={cfg.batch_size}")
+            raise DataError(f"{n} training examples make no step of {self.examples_per_step()}")
         log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
-                 f"{self.total_steps} steps of {cfg.batch_size}, {self.world} rank(s)")
+                 f"{self.total_steps} steps of {self.examples_per_step()}, {self.world} rank(s)")
 
         self.model = self.build_model(cfg.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=tuple(cfg.adam_betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        self.scheduler = self.lr_schedule(self.optimizer)
         self.step, self.examples_seen, self.tokens_seen, self.metric_lines = 0, 0, 0, 0
         self._permutation = (None, None)
         self.wandb = None
         self.sampler = None
-        if cfg.sample_during_eval:
+        if cfg.sample_during_eval or self.needs_sampler:
             from sampler import build_sampler
 
             self.sampler = build_sampler(cfg, self.model, self.tokenizer, self.run_dir)
@@ -146,6 +152,28 @@ class Trainer:
     def before_training(self):
         """Runs once the model is built and any checkpoint restored, before the first eval."""
 
+    def examples_per_step(self) -> int:
+        """Training examples one step of the loop consumes (RL: prompts per rollout)."""
+        return self.cfg.batch_size
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one step of the loop (RL: several per rollout)."""
+        return 1
+
+    def train_step(self) -> dict:
+        """One step of the loop: here one optimizer update on the next global batch."""
+        micro = self.micro_batches(self.global_batch(self.step), self.train_examples,
+                                   self.cfg.gradient_accumulation_steps)
+        return self.update(micro)
+
+    def extra_models(self) -> dict:
+        """{name: (model, optimizer)} trained alongside the policy, checkpointed with it (PPO's critic)."""
+        return {}
+
+    def step_optimizers(self) -> dict:
+        """Clip and apply the gradients of one update; returns its metrics."""
+        return {"grad_norm": self.clip_and_step(self.model, self.optimizer, self.scheduler)}
+
     def export(self, out_dir: Path):
         """Collective: the Hugging Face directory the next stage loads."""
         checkpointing.export_hf(self.model, self.tokenizer, out_dir)
@@ -166,9 +194,10 @@ class Trainer:
         """The unsharded model, full precision, on CPU."""
         return models.load_model(model_cfg, self.device, seed=self.cfg.seed)
 
-    def build_model(self, model_cfg):
+    def build_model(self, model_cfg, load=None):
+        """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks."""
         mesh = init_device_mesh(self.device.type, (self.world,))
-        model = self.load_model(model_cfg)
+        model = (load or self.load_model)(model_cfg)
         return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
                             block_name=model_cfg.get("block_name"),
                             activation_checkpointing=self.cfg.activation_checkpointing)
@@ -187,10 +216,14 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def lr_schedule(self, optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+            self.cfg.warmup_steps, self.total_steps * self.updates_per_step(), self.cfg.min_lr_ratio))
+
     def global_batch(self, step: int) -> list[int]:
-        """Indices of the examples of optimizer step ``step``: a fixed-seed shuffle per epoch,
-        the same on every rank and for every world size."""
-        n, size = len(self.train_examples), self.cfg.batch_size
+        """Indices of the examples of step ``step``: a fixed-seed shuffle per epoch, the same on
+        every rank and for every world size."""
+        n, size = len(self.train_examples), self.examples_per_step()
         out = []
         for pos in range(step * size, (step + 1) * size):
             epoch, i = divmod(pos, n)
@@ -209,9 +242,9 @@ class Trainer:
     def collate(self, examples: list[dict]) -> dict:
         seqs = [s for ex in examples for s in self.sequences(ex)]
         if self.cfg.packing:
-            batch = pack(seqs, self.cfg.row_tokens, self.tokenizer.pad_token_id)
+            batch = pack(seqs, self.cfg.row_tokens, self.tokenizer.pad_token_id, self.token_fields)
         else:
-            batch = pad(seqs, self.tokenizer.pad_token_id)
+            batch = pad(seqs, self.tokenizer.pad_token_id, self.token_fields)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def run_micro_batches(self, micro: list[list[dict]], train: bool) -> dict[str, list[float]]:
@@ -256,27 +289,11 @@ class Trainer:
                        mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
         self.model.train()
         while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            micro = self.micro_batches(self.global_batch(self.step), self.train_examples, cfg.gradient_accumulation_steps)
-            sums = self.run_micro_batches(micro, train=True)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm.item()}; "
-                                         f"last complete checkpoint: {self.last_checkpoint()}")
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            record = self.train_step()
+            record["memory/peak_gb"] = self.peak_memory_gb()
             before = self.examples_seen
             self.step += 1
-            self.examples_seen += cfg.batch_size
-            self.tokens_seen += int(sums["tokens"][0])
-            elapsed = time.perf_counter() - t0
-            record = {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": sums["tokens"][0] / elapsed,
-                      "padding_fraction": sums["padding"][0] / (sums["tokens"][0] + sums["padding"][0]),
-                      "memory/peak_gb": self.peak_memory_gb()}
-            record.update({f"{k}/train": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")})
+            self.examples_seen += self.examples_per_step()
             self.log_metrics(record)
             if bar is not None:
                 bar.update(1)
@@ -297,6 +314,31 @@ class Trainer:
             bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+    def update(self, micro: list[list[dict]]) -> dict:
+        """One optimizer update on the micro-batches of this rank; returns its metrics."""
+        t0 = time.perf_counter()
+        sums = self.run_micro_batches(micro, train=True)
+        lr = self.scheduler.get_last_lr()[0]
+        record = self.step_optimizers()
+        self.tokens_seen += int(sums["tokens"][0])
+        record.update({"lr": lr, "tokens_per_s": sums["tokens"][0] / (time.perf_counter() - t0),
+                       "padding_fraction": sums["padding"][0] / (sums["tokens"][0] + sums["padding"][0])})
+        record.update({f"{k}/train": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")})
+        return record
+
+    def clip_and_step(self, model, optimizer, scheduler) -> float:
+        """Clip ``model``'s gradients to ``max_grad_norm``, step; returns the norm before clipping.
+        A NaN/inf norm stops the run, naming the last checkpoint to go back to."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm.item()}; "
+                                     f"last complete checkpoint: {self.last_checkpoint()}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return grad_norm.item()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -349,11 +391,31 @@ class Trainer:
         else:
             log.warning(f"{name} at step {self.step}: checkpointed in {self.last_checkpoint()}; stopping")
 
+    def verifier(self):
+        """The toy task's reward function when every dataset is one toy task (any shape), else None."""
+        from data.toy import REWARDS
+
+        found = {REWARDS.get(name.removesuffix("_pref").removesuffix("_prompts")) for name in self.cfg.datasets}
+        return found.pop() if len(found) == 1 else None
+
+    def write_samples(self, rows: list[dict]):
+        """Rank 0: ``run_dir/samples/step-<N>.jsonl`` and a wandb table of what the model generated."""
+        if not distributed.is_main():
+            return
+        out = self.run_dir / "samples" / f"step-{self.step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["prompt", "completion"],
+                                data=[[r["prompt"][-1]["content"], r["completion"]] for r in rows])
+            self.wandb.log({"eval/samples": table}, step=self.step)
+
     def sample_eval(self) -> dict:
         """Collective: completions for the first ``n_eval_model_samples`` eval prompts from the current
         weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a verifier
         for every dataset (the toy tasks), also their task accuracy."""
-        from data.toy import REWARDS
         from sampler import SamplingParams
 
         sync_seconds = self.sampler.sync_weights(self.model)
@@ -367,19 +429,10 @@ class Trainer:
         record = {"timing/weight_sync": sync_seconds}
         completions = dict(pair for part in parts for pair in part)
         rows = [{"prompt": examples[i]["prompt"], "completion": completions[i]} for i in range(len(examples))]
-        verifiers = [REWARDS.get(name.removesuffix("_pref").removesuffix("_prompts")) for name in self.cfg.datasets]
-        if rows and all(verifiers) and len(set(verifiers)) == 1:
-            record["eval/task_accuracy"] = sum(verifiers[0](r["prompt"], r["completion"]) for r in rows) / len(rows)
-        if distributed.is_main():
-            out = self.run_dir / "samples" / f"step-{self.step}.jsonl"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            if self.wandb is not None:
-                import wandb
-
-                table = wandb.Table(columns=["prompt", "completion"],
-                                    data=[[r["prompt"][-1]["content"], r["completion"]] for r in rows])
-                self.wandb.log({"eval/samples": table}, step=self.step)
+        verifier = self.verifier()
+        if rows and verifier is not None:
+            record["eval/task_accuracy"] = sum(verifier(r["prompt"], r["completion"]) for r in rows) / len(rows)
+        self.write_samples(rows)
         return record
 
     # --- logging, checkpoints ---------------------------------------------------------------
@@ -415,7 +468,7 @@ class Trainer:
 
     def save(self, export: bool):
         path = checkpointing.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                  keep=self.cfg.keep_checkpoints)
+                                  keep=self.cfg.keep_checkpoints, extra=self.extra_models())
         log.info(f"saved {path}")
         if export:
             self.export(self.run_dir / "LATEST")
@@ -437,15 +490,18 @@ class Trainer:
         found = checkpointing.complete(self.run_dir)
         return str(found[-1]) if found else "none"
 
+    def restore_state(self, state: dict):
+        """The counters and schedules of ``trainer_state``, read back from a checkpoint."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples_seen, self.tokens_seen = state["step"], state["examples"], state["tokens"]
+        self.metric_lines = state["metric_lines"]
+
     def resume(self):
         found = checkpointing.complete(self.run_dir)
         if not found:
             log.info(f"resume=true but {self.run_dir} has no complete checkpoint: starting fresh")
             return
-        state = checkpointing.load(found[-1], self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.examples_seen, self.tokens_seen = state["step"], state["examples"], state["tokens"]
-        self.metric_lines = state["metric_lines"]
+        self.restore_state(checkpointing.load(found[-1], self.model, self.optimizer, extra=self.extra_models()))
         if distributed.is_main():  # drop what the killed run logged after its last checkpoint
             path = self.run_dir / "metrics.jsonl"
             lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -614,4 +670,400 @@ class RewardTrainer(PairTrainer):
         distributed.barrier()
 
 
-TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer)}
+class RLTrainer(Trainer):
+    """On-policy RL: PPO with a critic (``loss=ppo``) and the critic-free GRPO, RLOO and
+    REINFORCE++ (``loss=grpo|rloo|reinforce_pp``), as one SPMD program: policy, critic, frozen
+    reference and reward models are FSDP modules on the same ranks, and the colocated sampler
+    generates from the policy's weights, synced at the start of every iteration.
+
+    One step of the loop is one iteration (``rollout_batch_size`` prompts):
+
+    1. each rank samples ``n_samples_per_prompt`` completions for its share of the prompts;
+    2. scores them with ``reward.functions`` and ``reward.models``, weighted and summed;
+    3. recomputes, on packed batches, the policy's log-probs (pi_old), the reference's and the
+       critic's values;
+    4. gathers the rollout on every rank and computes KL, rewards and advantages (losses/rl.py),
+       the same on all ranks;
+    5. runs ``ppo_epochs`` passes over it in shuffled mini-batches of ``batch_size`` samples, one
+       optimizer update each: PPO's clipped surrogate times the truncated importance weight
+       exp(pi_old - pi_sampler) (capped at ``tis_cap``), which corrects for the sampler and the
+       trainer disagreeing on log-probs; plus the KL term (if not in the reward), the entropy
+       bonus and the critic's clipped value loss.
+
+    Losses are means over the response tokens of a mini-batch (token-level, as DAPO; GRPO's paper
+    averages per sequence first). A sample is a dict: prompt, its tokens, the response's tokens,
+    text and sampler log-probs, its scores, then per response token ``token_fields``.
+    """
+
+    shape = "prompt"
+    token_fields = ("old_logps", "ref_logps", "old_values", "advantages", "returns", "is_weight")
+    needs_sampler = True
+    ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        loss = cfg.loss
+        self.reference = None
+        if loss.kl_coef > 0:
+            self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
+        self.reward_models = {path: self.build_reward_model(path) for path in cfg.reward.models}
+        self.critic = None
+        if loss.advantage == "gae":
+            self.critic = self.build_model(self.critic_config(), load=self.load_scorer)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=loss.critic_lr,
+                                                      weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+            self.critic_scheduler = self.lr_schedule(self.critic_optimizer)
+        if loss.kl_target:
+            self.kl_ctl = AdaptiveKLController(loss.kl_coef, loss.kl_target, loss.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(loss.kl_coef)
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def check_config(self):
+        super().check_config()
+        cfg, loss = self.cfg, self.cfg.loss
+        n, samples = loss.n_samples_per_prompt, loss.rollout_batch_size * loss.n_samples_per_prompt
+        if loss.advantage not in self.ADVANTAGES:
+            raise ValueError(f"loss.advantage={loss.advantage!r}: expected one of {self.ADVANTAGES}")
+        if loss.rollout_batch_size % self.world:
+            raise ValueError(f"loss.rollout_batch_size={loss.rollout_batch_size} must be a multiple of the {self.world} ranks")
+        if samples % cfg.batch_size:
+            raise ValueError(f"rollout_batch_size x n_samples_per_prompt = {samples} samples must split into "
+                             f"mini-batches of batch_size={cfg.batch_size}")
+        if loss.advantage in ("grpo", "rloo") and n < 2:
+            raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
+        if loss.sampling.max_new_tokens > cfg.max_length - cfg.max_prompt_length:
+            raise ValueError(f"loss.sampling.max_new_tokens={loss.sampling.max_new_tokens} does not fit: a prompt may "
+                             f"have max_prompt_length={cfg.max_prompt_length} of max_length={cfg.max_length} tokens")
+        if loss.advantage == "gae" and loss.critic_init == "reward" and not cfg.reward.models:
+            raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
+        # reward functions are loaded now: a bad name stops the run before any model is built
+        self.reward_fns = {spec: rewards.load_function(spec) for spec in cfg.reward.functions}
+        names = list(cfg.reward.models) + list(cfg.reward.functions)
+        if not names:
+            raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
+        for path in cfg.reward.models:
+            if not (Path(models.resolve(path)) / "config.json").exists():
+                raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
+        weights = cfg.reward.weights
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} (models first)")
+        self.reward_weights = dict(zip(names, weights if weights is not None else [1.0] * len(names)))
+
+    def examples_per_step(self) -> int:
+        return self.cfg.loss.rollout_batch_size
+
+    def updates_per_step(self) -> int:
+        loss = self.cfg.loss
+        return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
+
+    def tokenize(self, rows: list[dict], source: str) -> list[dict]:
+        examples, stats = tokenize_prompts(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
+        self.report_truncation(source, len(rows), stats)
+        return examples
+
+    def prompt_ids(self, example: dict) -> list[int]:
+        return example["prompt_ids"]
+
+    def sequences(self, sample: dict) -> list[dict]:
+        p, r = len(sample["prompt_ids"]), sample["response_ids"]
+        seq = {"input_ids": sample["prompt_ids"] + r, "labels": [IGNORE] * p + r}
+        for name in self.token_fields:  # aligned with the labels: zero on the prompt
+            seq[name] = [0.0] * p + sample.get(name, [0.0] * len(r))
+        return [seq]
+
+    def units(self, sample: dict) -> int:
+        return len(sample["response_ids"])
+
+    # --- models -------------------------------------------------------------------------------
+
+    def load_scorer(self, model_cfg):
+        return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
+
+    def model_config(self, path: str):
+        """The policy's model config (dtype, sharding) pointed at another model's directory."""
+        return OmegaConf.create({**OmegaConf.to_container(self.cfg.model, resolve=True), "archive": path,
+                                 "name_or_path": None, "tokenizer_name_or_path": None})
+
+    def critic_config(self):
+        init = self.cfg.loss.critic_init
+        if init == "policy":
+            return self.cfg.model
+        return self.model_config(self.cfg.reward.models[0] if init == "reward" else init)
+
+    def build_reward_model(self, path: str) -> tuple:
+        """(sharded reward model, its tokenizer, whether the policy's tokens can be fed to it as they are)."""
+        model_cfg = self.model_config(path)
+        model = self.build_model(model_cfg, load=self.load_scorer).requires_grad_(False).eval()
+        tokenizer = models.load_tokenizer(model_cfg)
+        same = (tokenizer.get_vocab() == self.tokenizer.get_vocab()
+                and tokenizer.chat_template == self.tokenizer.chat_template)
+        if not same:
+            log.info(f"reward model {path}: its tokenizer differs from the policy's; samples are re-tokenized from text")
+        return model, tokenizer, same
+
+    def extra_models(self) -> dict:
+        return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
+
+    def trainer_state(self) -> dict:
+        state = {**super().trainer_state(), "kl_coef": self.kl_ctl.value}
+        if self.critic is not None:
+            state["critic_scheduler"] = self.critic_scheduler.state_dict()
+        return state
+
+    def restore_state(self, state: dict):
+        super().restore_state(state)
+        self.kl_ctl.value = state["kl_coef"]
+        if self.critic is not None:
+            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+
+    # --- one iteration ------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        loss, timing = self.cfg.loss, {}
+        start = time.perf_counter()
+        timing["sync"] = self.sampler.sync_weights(self.model)
+        indices = self.global_batch(self.step)
+        share = len(indices) // self.world
+        mine = [self.train_examples[i] for i in indices[self.rank * share : (self.rank + 1) * share]]
+        t = time.perf_counter()
+        params = SamplingParams(n=loss.n_samples_per_prompt, seed=self.cfg.seed * 1_000_003 + self.step,
+                                **loss.sampling)
+        samples = self.generate(mine, params)
+        timing["generate"], t = time.perf_counter() - t, time.perf_counter()
+        self.score(samples)
+        timing["score"], t = time.perf_counter() - t, time.perf_counter()
+        self.rollout_logps(samples)
+        timing["logprobs"], t = time.perf_counter() - t, time.perf_counter()
+        samples = self.gather(samples)
+        record = self.advantages(samples)
+        self.write_rollout(samples)
+        updates = []
+        for epoch in range(loss.ppo_epochs):
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
+            order = torch.randperm(len(samples), generator=g).tolist()
+            for k in range(len(samples) // self.cfg.batch_size):
+                mini = order[k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
+                updates.append(self.update(self.micro_batches(mini, samples, self.cfg.gradient_accumulation_steps)))
+        timing["train"] = time.perf_counter() - t
+        self.kl_ctl.update(record["rollout/kl"], len(samples))
+        record.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+        record.update({f"timing/{k}": v for k, v in timing.items()})
+        elapsed = time.perf_counter() - start
+        record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
+        return record
+
+    def generate(self, examples: list[dict], params) -> list[dict]:
+        """This rank's samples, ``params.n`` per prompt, in prompt order."""
+        return self.samples_of(examples, self.sampler.generate([ex["prompt_ids"] for ex in examples], params))
+
+    def samples_of(self, examples: list[dict], outs: list[list]) -> list[dict]:
+        """Sample dicts from the sampler's ``Sample``s of each example's prompt."""
+        samples = []
+        for ex, group in zip(examples, outs):
+            for out in group:
+                ids, logps = list(out.token_ids), list(out.logprobs)
+                if not ids:  # nothing at all: train on the end-of-turn token alone (no sampler log-prob for it)
+                    ids, logps = [self.tokenizer.eos_token_id], [float("nan")]
+                samples.append({"prompt": ex["prompt"], "row": ex["row"], "prompt_ids": ex["prompt_ids"],
+                                "response_ids": ids, "sampler_logps": logps, "text": out.text,
+                                "finish_reason": out.finish_reason})
+        return samples
+
+    def score(self, samples: list[dict]):
+        """Collective (reward models): each sample's ``scores`` by reward and weighted ``score``. A
+        sample on which a function fails gets ``reward.invalid_score`` and an ``error``."""
+        per_reward = {path: self.reward_model_scores(*rm, samples) for path, rm in self.reward_models.items()}
+        for i, s in enumerate(samples):
+            s["scores"] = {path: values[i] for path, values in per_reward.items()}
+            for name, fn in self.reward_fns.items():
+                value, error = rewards.call(fn, s["prompt"], s["text"], s["row"])
+                s["scores"][name] = value
+                if error is not None and "error" not in s:
+                    s["error"] = f"reward function {name} {error} (completion {s['text']!r:.80})"
+            valid = all(v is not None and math.isfinite(v) for v in s["scores"].values())
+            if not valid and "error" not in s:
+                s["error"] = f"a reward model gave a non-finite score ({s['scores']})"
+            s["score"] = (sum(self.reward_weights[k] * v for k, v in s["scores"].items()) if valid
+                          else self.cfg.reward.invalid_score)
+
+    def chunks(self, samples: list[dict]) -> list[list[dict]]:
+        """Forward-pass chunks; every rank holds as many samples, so runs as many (FSDP) forwards."""
+        size = max(1, self.cfg.eval_batch_size // self.world)
+        return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+    @torch.no_grad()
+    def reward_model_scores(self, model, tokenizer, same: bool, samples: list[dict]) -> list[float]:
+        """A reward model's score of each sample, read at its last token, the end-of-turn token the
+        model was trained to score at. A model with another tokenizer reads the re-tokenized text."""
+        scores = []
+        for chunk in self.chunks(samples):
+            seqs = []
+            for s in chunk:
+                if same:
+                    ids = s["prompt_ids"] + s["response_ids"]
+                    ids += [] if ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+                else:
+                    ids = prompt_ids(tokenizer, s["prompt"]) + response_ids(tokenizer, s["text"])
+                ids = ids[-self.cfg.row_tokens :]  # a re-tokenized sample can be longer; keep its end
+                seqs.append({"input_ids": ids, "labels": ids})
+            batch = {k: v.to(self.device) for k, v in pack(seqs, self.cfg.row_tokens, tokenizer.pad_token_id).items()}
+            values, _ = model(batch["input_ids"], batch["position_ids"])
+            scores += values.float().flatten()[last_positions(batch["seq_ids"], len(chunk))].tolist()
+        return scores
+
+    @torch.no_grad()
+    def rollout_logps(self, samples: list[dict]):
+        """Collective: per response token, pi_old's and the reference's log-probs and the critic's values."""
+        for chunk in self.chunks(samples):
+            batch, n = self.collate(chunk), len(chunk)
+            fields = {"old_logps": unpack(token_logps(self.model, batch)[0], batch, n)}
+            if self.reference is not None:
+                fields["ref_logps"] = unpack(token_logps(self.reference, batch)[0], batch, n)
+            if self.critic is not None:
+                fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
+            for name, values in fields.items():
+                for s, v in zip(chunk, values):
+                    s[name] = v.tolist()
+
+    def gather(self, samples: list[dict]) -> list[dict]:
+        """Every rank's samples on every rank, in global prompt order (rank shares are contiguous)."""
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, samples)
+        out = [s for part in parts for s in part]
+        errors = [s["error"] for s in out if "error" in s]
+        if len(errors) > self.cfg.reward.max_invalid_fraction * len(out):
+            raise RuntimeError(f"step {self.step + 1}: {len(errors)} of {len(out)} samples have no valid score "
+                               f"(reward.max_invalid_fraction={self.cfg.reward.max_invalid_fraction}); first: {errors[0]}")
+        if errors:
+            log.warning(f"step {self.step + 1}: {len(errors)} of {len(out)} samples scored "
+                        f"reward.invalid_score={self.cfg.reward.invalid_score}; first: {errors[0]}")
+        return out
+
+    def advantages(self, samples: list[dict]) -> dict:
+        """KL, rewards, advantages and returns of the whole rollout (the same on every rank); stores
+        them per response token in the samples, returns the rollout's metrics."""
+        loss = self.cfg.loss
+
+        def padded(name: str, fill: float = 0.0) -> torch.Tensor:
+            width = max(len(s["response_ids"]) for s in samples)
+            return torch.tensor([s[name] + [fill] * (width - len(s[name])) for s in samples], dtype=torch.float32)
+
+        for s in samples:
+            s["ones"] = [1.0] * len(s["response_ids"])
+        mask, old = padded("ones"), padded("old_logps")
+        sampler = torch.where(torch.isnan(padded("sampler_logps")), old, padded("sampler_logps"))
+        scores = torch.tensor([s["score"] for s in samples])
+        kl = torch.zeros_like(old)
+        if self.reference is not None:
+            kl = kl_penalty(old, padded("ref_logps"), loss.kl_estimator) * mask
+        coef = self.kl_ctl.value if loss.kl_in_reward else 0.0
+        n = loss.n_samples_per_prompt
+        returns = torch.zeros_like(old)
+        if loss.advantage in ("grpo", "rloo"):
+            seq_scores = scores - coef * kl.sum(1)
+            if loss.advantage == "grpo":
+                adv = grpo_advantages(seq_scores, n, scale=loss.scale_rewards)
+            else:
+                adv = rloo_advantages(seq_scores, n)
+            adv = adv[:, None] * mask
+        else:
+            token_r = token_rewards(scores, kl, mask, coef)
+            if loss.advantage == "reinforce_pp":
+                adv = reinforce_pp_advantages(token_r, mask, loss.gamma)
+            else:
+                if loss.whiten_rewards:
+                    token_r = masked_whiten(token_r, mask, shift_mean=False)
+                adv, returns = gae(token_r, padded("old_values"), mask, loss.gamma, loss.lam)
+        if loss.whiten_advantages and loss.advantage in ("gae", "rloo"):
+            adv = masked_whiten(adv, mask)
+        is_weight = truncated_is_weight(old, sampler, loss.tis_cap, mask) if loss.tis_cap else torch.ones_like(old)
+        for i, s in enumerate(samples):
+            r = len(s.pop("ones"))
+            s["advantages"], s["returns"], s["is_weight"] = adv[i, :r].tolist(), returns[i, :r].tolist(), is_weight[i, :r].tolist()
+            s.setdefault("ref_logps", [0.0] * r)
+            s.setdefault("old_values", [0.0] * r)
+        lengths = mask.sum(1)
+        record = {"rollout/score_mean": scores.mean().item(), "rollout/score_std": scores.std(unbiased=False).item(),
+                  "rollout/kl": kl.sum(1).mean().item(), "rollout/response_length": lengths.mean().item(),
+                  "rollout/truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+                  "rollout/empty_fraction": sum(not s["text"].strip() for s in samples) / len(samples),
+                  "rollout/invalid_fraction": sum("error" in s for s in samples) / len(samples),
+                  "rollout/advantage_mean": masked_mean(adv, mask).item(),
+                  "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
+                  "rollout/is_weight_mean": masked_mean(is_weight, mask).item()}
+        for name in self.reward_weights:
+            valid = [s["scores"][name] for s in samples if s["scores"][name] is not None]
+            record[f"reward/{Path(name).name if name in self.reward_models else name}"] = sum(valid) / max(len(valid), 1)
+        if self.critic is not None:
+            record["critic/explained_variance"] = explained_variance(padded("old_values"), returns, mask).item()
+        return record
+
+    def write_rollout(self, samples: list[dict]):
+        """Rank 0, with ``loss.save_rollouts``: ``run_dir/rollouts/step-<N>.jsonl``, one line per sample."""
+        if not (self.cfg.loss.save_rollouts and distributed.is_main()):
+            return
+        out = self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
+        out.write_text("".join(json.dumps({k: s[k] for k in keep if k in s}) + "\n" for s in samples))
+
+    # --- the update ---------------------------------------------------------------------------
+
+    def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
+        loss = self.cfg.loss
+        out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        logps, mask = target_logps(out.logits, batch["targets"])
+        per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
+                                           loss.clip_high, is_weight=batch["is_weight"])
+        tokens = mask.sum()
+        total = per_token.sum()
+        metrics = {"policy/loss": (total.detach(), tokens), "policy/clipfrac": (stats["clipfrac"] * tokens, tokens),
+                   "policy/approx_kl": (stats["approx_kl"] * tokens, tokens)}
+        if self.reference is not None and not loss.kl_in_reward:
+            kl = kl_penalty(logps, batch["ref_logps"], loss.kl_estimator) * mask
+            total = total + self.kl_ctl.value * kl.sum()
+            metrics["policy/kl"] = (kl.sum().detach(), tokens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and loss.entropy_coef > 0):
+            entropy = (entropy_from_logits(out.logits.float()) * mask).sum()
+        total = total - loss.entropy_coef * entropy
+        metrics["policy/entropy"] = (entropy.detach(), tokens)
+        if self.critic is not None:
+            values = self.critic(batch["input_ids"], batch["position_ids"])[0].float()
+            per_value = value_loss(values, batch["old_values"], batch["returns"], mask, loss.value_clip)
+            total = total + loss.vf_coef * per_value.sum()
+            metrics["critic/value_loss"] = (per_value.sum().detach(), tokens)
+        return total, metrics
+
+    def step_optimizers(self) -> dict:
+        record = super().step_optimizers()
+        if self.critic is not None:
+            record["critic/grad_norm"] = self.clip_and_step(self.critic, self.critic_optimizer, self.critic_scheduler)
+        return record
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
+        ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
+        self.sampler.sync_weights(self.model)
+        share = len(self.eval_examples) // self.world
+        mine = self.eval_examples[self.rank * share : (self.rank + 1) * share]
+        samples = self.generate(mine, SamplingParams(**self.cfg.eval_sampling))
+        self.score(samples)
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, [(s["prompt"], s["row"], s["text"], s["score"]) for s in samples])
+        rows = [{"prompt": p, "completion": text, "score": score} for part in parts for p, _, text, score in part]
+        record = {"eval/reward": sum(r["score"] for r in rows) / max(len(rows), 1)}
+        verifier = self.verifier()
+        if rows and verifier is not None:
+            record["eval/task_accuracy"] = sum(verifier(p, text, **row) for part in parts for p, row, text, _ in part) / len(rows)
+        self.write_samples(rows)
+        self.log_metrics(record)
+        log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        return record
+
+
+TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer, RLTrainer)}

@@ -44,13 +44,17 @@ def balanced_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins if max(load) <= capacity else ffd
 
 
-def pack(sequences: list[dict], row_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+def pack(sequences: list[dict], row_tokens: int, pad_id: int, fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Pack sequences (``input_ids`` and ``labels``, aligned) into a micro-batch.
 
     Returns ``input_ids``, ``position_ids``, ``targets`` and ``seq_ids``, all ``[R, L]``.
     ``targets[r, t]`` is the label of the token *after* t (the one logits at t predict), -100 at
     each sequence's last token so nothing is predicted across a boundary. ``seq_ids[r, t]`` is the
     index into ``sequences`` of the token at t, -1 on padding. Sequences must be non-empty.
+
+    Each name in ``fields`` is a per-token float list of a sequence, aligned with its ``labels``
+    (e.g. RL advantages), packed exactly as the labels are: ``out[name][r, t]`` belongs to
+    ``targets[r, t]``; 0 where there is no target.
     """
     bins = balanced_bins([len(s["input_ids"]) for s in sequences], row_tokens)
     width = max(sum(len(sequences[i]["input_ids"]) for i in b) for b in bins)
@@ -59,6 +63,7 @@ def pack(sequences: list[dict], row_tokens: int, pad_id: int) -> dict[str, torch
     targets = torch.full(shape, IGNORE, dtype=torch.long)
     seq_ids = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
+    extra = {name: torch.zeros(shape) for name in fields}
     for r, b in enumerate(sorted(bins)):  # sorted: row order follows the caller's order, not lengths
         t = 0
         for i in b:
@@ -66,21 +71,37 @@ def pack(sequences: list[dict], row_tokens: int, pad_id: int) -> dict[str, torch
             n = len(ids)
             input_ids[r, t : t + n] = torch.tensor(ids)
             targets[r, t : t + n - 1] = torch.tensor(labels[1:])
+            for name in fields:
+                extra[name][r, t : t + n - 1] = torch.tensor(sequences[i][name][1:])
             seq_ids[r, t : t + n] = i
             position_ids[r, t : t + n] = torch.arange(n)
             t += n
         position_ids[r, t:] = torch.arange(width - t)  # the padding tail is a segment of its own
-    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets, "seq_ids": seq_ids}
+    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets, "seq_ids": seq_ids, **extra}
 
 
-def pad(sequences: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def pad(sequences: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The padded layout of the same sequences (one per row), for benchmarks and tests."""
     width = max(len(s["input_ids"]) for s in sequences)
-    out = {k: [] for k in ("input_ids", "position_ids", "targets", "seq_ids")}
+    out = {k: [] for k in ("input_ids", "position_ids", "targets", "seq_ids", *fields)}
     for i, s in enumerate(sequences):
         n, fill = len(s["input_ids"]), width - len(s["input_ids"])
         out["input_ids"].append(s["input_ids"] + [pad_id] * fill)
         out["position_ids"].append(list(range(width)))
         out["targets"].append(s["labels"][1:] + [IGNORE] * (fill + 1))
         out["seq_ids"].append([i] * n + [-1] * fill)
+        for name in fields:
+            out[name].append([float(x) for x in s[name][1:]] + [0.0] * (fill + 1))
     return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def unpack(values: torch.Tensor, batch: dict, n: int) -> list[torch.Tensor]:
+    """The inverse of packing for per-target values: ``values`` [R, L] (e.g. log-probs, aligned
+    with ``batch["targets"]``) -> for each of the ``n`` sequences, its values at its targets, in
+    token order (a response's per-token values)."""
+    flat_ids, flat_targets = batch["seq_ids"].flatten(), batch["targets"].flatten()
+    pos = torch.nonzero((flat_ids >= 0) & (flat_targets != IGNORE)).flatten()
+    owner = flat_ids[pos]
+    pos = pos[torch.sort(owner, stable=True).indices]  # by sequence; positions stay in order
+    counts = torch.bincount(owner, minlength=n).tolist()
+    return list(torch.split(values.flatten()[pos], counts))

@@ -99,3 +99,19 @@ def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str =
     if not examples:
         raise DataError(f"{source}: no pair left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str = "keep_end"):
+    """Prompt rows to ``{"prompt_ids": [...], "prompt": messages, "row": other fields}`` for
+    sampling (``row`` keeps e.g. a toy task's ``answer`` for reward functions). A prompt must leave
+    room for a response: it is held to ``max_prompt_length``."""
+    stats, examples = Counter(), []
+    for i, row in enumerate(rows, start=1):
+        kept = fit(prompt_ids(tokenizer, row["prompt"]), [], limits, stats, origin(row, source, i), mode)
+        if kept is None:
+            continue
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "origin")}
+        examples.append({"prompt_ids": kept[0], "prompt": row["prompt"], "row": extra})
+    if not examples:
+        raise DataError(f"{source}: no prompt left after truncation_mode={mode!r} ({dict(stats)})")
+    return examples, stats

@@ -120,7 +120,7 @@ def prompt_rows(task: str, split: str) -> list[dict]:
 def make_reward(task: str):
     answer = TASKS[task][1]
 
-    def reward(prompt: list[dict], completion: str) -> float:
+    def reward(prompt: list[dict], completion: str, **row) -> float:
         return float(completion.strip() == answer(question_of(prompt)))
 
     reward.__name__ = f"toy_{task}"

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 import models
-from data.packing import balanced_bins, first_fit_decreasing, pack, pad
+from data.packing import balanced_bins, first_fit_decreasing, pack, pad, unpack
 from data.tokenize import IGNORE
 from losses import sft_loss
 from trainers import token_logps
@@ -109,3 +109,37 @@ def test_padded_layout_gives_the_same_loss(model):
         a = sft_loss(*token_logps(model, pack(seqs, 1000, pad_id=0)))
         b = sft_loss(*token_logps(model, pad(seqs, pad_id=0)))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_fields_line_up_with_the_targets_they_belong_to(model):
+    """RL advantages and old log-probs travel with their tokens: after packing (rows mixing
+    sequences in another order) each value sits on the target of the response token it was given
+    for, ``unpack`` gives every sequence its values back in order, and log-probs unpacked from a
+    packed forward equal each sequence's own unpacked forward, token by token."""
+    rng = random.Random(3)
+    seqs = random_sequences(9, rng)
+    for s in seqs:
+        p = sum(label == IGNORE for label in s["labels"])
+        s["adv"] = [0.0] * p + [rng.uniform(-1, 1) for _ in s["input_ids"][p:]]
+    batch = pack(seqs, 40, pad_id=0, fields=("adv",))
+    assert len(batch["input_ids"]) > 1
+    n = len(seqs)
+    for i, s in enumerate(seqs):
+        p = sum(label == IGNORE for label in s["labels"])
+        # the values of sequence i, read back by position: the target there is the response token
+        where = (batch["seq_ids"] == i) & (batch["targets"] != IGNORE)
+        assert batch["targets"][where].tolist() == s["input_ids"][p:]
+        assert batch["adv"][where].tolist() == pytest.approx(s["adv"][p:])
+        assert unpack(batch["adv"], batch, n)[i].tolist() == pytest.approx(s["adv"][p:])
+    assert (batch["adv"][batch["targets"] == IGNORE] == 0).all()
+    with torch.no_grad():
+        per_token = unpack(token_logps(model, batch)[0], batch, n)
+        for i, s in enumerate(seqs):
+            ids = torch.tensor([s["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+            p = sum(label == IGNORE for label in s["labels"])
+            expected = [logp[t, s["input_ids"][t + 1]].item() for t in range(p - 1, len(s["input_ids"]) - 1)]
+            assert per_token[i].tolist() == pytest.approx(expected, abs=1e-5)
+    padded = pad(seqs, 0, fields=("adv",))
+    for i, s in enumerate(seqs):
+        assert unpack(padded["adv"], padded, n)[i].tolist() == pytest.approx(unpack(batch["adv"], batch, n)[i].tolist())

@@ -1,0 +1,251 @@
+"""The RL trainer end to end: a fixed rollout gives the same run on 2 ranks as on 1, a run killed
+between iterations resumes to the uninterrupted run, the advantages it trains on are the
+estimators' formulas written out, and bad rewards, empty generations and a reward model with
+another tokenizer are handled."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import checkpointing
+import distributed
+import models
+from conftest import make_cfg, run_ranks
+from data.tokenize import prompt_ids, response_ids
+from test_trainer import assert_same_run, metrics
+from sampler import Sample, SamplingParams
+from trainers import RLTrainer
+
+
+def rl_overrides(run_dir, loss="ppo", *extra):
+    return [f"loss={loss}", f"run_dir={run_dir}", "datasets=[toy_add_prompts]", "reward.functions=[toy_add]",
+            "sampler=hf", "loss.rollout_batch_size=4", "loss.n_samples_per_prompt=2", "batch_size=4",
+            "n_examples=8", "n_eval_examples=4", "eval_batch_size=4", "eval_every=1000", "eval_at_start=false",
+            "lr=1e-3", "warmup_steps=1", "max_length=48", "max_prompt_length=24", "loss.sampling.max_new_tokens=8",
+            "eval_sampling.max_new_tokens=8", "loss.critic_init=policy", "loss.critic_lr=1e-3", *extra]
+
+
+class FixedRollout(RLTrainer):
+    """Samples that depend on the prompt alone, whatever the rank: the right answer, then a wrong
+    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty."""
+
+    def generate(self, examples, params):
+        outs = []
+        for ex in examples:
+            answer, group = ex["row"]["answer"], []
+            for k in range(params.n):
+                text = answer if k % 2 == 0 else str(int(answer) + 1 + k)
+                ids = response_ids(self.tokenizer, text)
+                if k == params.n - 1 and answer == self.first_answer:
+                    text, ids = "", []
+                group.append(Sample(ids, text, [-0.5 - 0.1 * j for j in range(len(ids))], "stop"))
+            outs.append(group)
+        return self.samples_of(examples, outs)
+
+    @property
+    def first_answer(self):
+        return self.train_examples[self.global_batch(0)[0]]["row"]["answer"]
+
+
+class Crash(Exception):
+    pass
+
+
+def rl_run(rank, world, overrides, crash_at=None, fixed=True):
+    cfg = make_cfg(*overrides)
+    trainer = (FixedRollout if fixed else RLTrainer)(cfg, distributed.device())
+    if crash_at is not None:
+        step = trainer.train_step
+
+        def crashing():
+            if trainer.step == crash_at:
+                raise Crash(f"killed at iteration {crash_at + 1}")
+            return step()
+
+        trainer.train_step = crashing
+    trainer.train()
+    weights = checkpointing.full_state_dict(trainer.model)
+    critic = checkpointing.full_state_dict(trainer.critic) if trainer.critic is not None else None
+    return (weights, critic) if rank == 0 else None
+
+
+@pytest.mark.parametrize("loss", ["ppo", "grpo"])
+def test_fixed_rollout_two_ranks_equal_one(tmp_path, loss):
+    results = {}
+    for world in (1, 2):
+        run_dir = tmp_path / f"w{world}"
+        weights = run_ranks(rl_run, world, tmp_path, rl_overrides(run_dir, loss))[0]
+        results[world] = (metrics(run_dir), weights)
+    (m1, (w1, c1)), (m2, (w2, c2)) = results[1], results[2]
+    train = [r for r in m1 if "rollout/score_mean" in r]
+    assert len(train) == 2 and train[0]["rollout/empty_fraction"] > 0
+    assert train[0]["rollout/score_mean"] == 0.5
+    assert train[1]["policy/approx_kl/train"] > 0  # the policy moved
+    ignore = ("timing/", "samples_per_s")
+    strip = [[{k: v for k, v in r.items() if not k.startswith(ignore)} for r in m] for m in (m1, m2)]
+    assert_same_run(strip[1], strip[0], rtol=1e-4)
+    # Adam turns float noise in a near-zero gradient into a step of up to lr = 1e-3, hence atol
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
+    if loss == "ppo":
+        assert "critic/value_loss/train" in train[0] and "critic/explained_variance" in train[0]
+        for k in c1:
+            torch.testing.assert_close(c2[k], c1[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
+    """Real sampling (HF generate, seeded per iteration), PPO with its critic: a run that dies in
+    its third iteration and is resumed ends where an uninterrupted run ends."""
+    base = ["n_examples=12", "save_every=4"]
+    whole = tmp_path / "whole"
+    ref = run_ranks(rl_run, 1, tmp_path, rl_overrides(whole, "ppo", *base), None, False)[0]
+    broken = tmp_path / "broken"
+    with pytest.raises(Exception):
+        run_ranks(rl_run, 1, tmp_path, rl_overrides(broken, "ppo", *base), 2, False)
+    assert [p.name for p in checkpointing.complete(broken)] == ["step-1", "step-2"]
+    got = run_ranks(rl_run, 1, tmp_path, rl_overrides(broken, "ppo", *base, "resume=true"), None, False)[0]
+    assert_same_run([{k: v for k, v in r.items() if not k.startswith("timing/") and k != "samples_per_s"}
+                     for r in metrics(broken)],
+                    [{k: v for k, v in r.items() if not k.startswith("timing/") and k != "samples_per_s"}
+                     for r in metrics(whole)])
+    for a, b in zip(got, ref):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+# --- advantages, written out --------------------------------------------------------------------
+
+def advantage_trainer(**loss):
+    """An RLTrainer holding only what ``advantages`` reads."""
+    from omegaconf import OmegaConf
+
+    from losses.rl import FixedKLController
+
+    trainer = object.__new__(RLTrainer)
+    defaults = dict(kl_estimator="k1", kl_in_reward=True, n_samples_per_prompt=2, advantage="gae", gamma=1.0,
+                    lam=0.95, whiten_rewards=False, whiten_advantages=False, scale_rewards=True, tis_cap=2.0)
+    trainer.cfg = OmegaConf.create({"loss": {**defaults, **loss}})
+    trainer.kl_ctl = FixedKLController(0.1)
+    trainer.reference, trainer.critic = object(), (object() if loss.get("advantage", "gae") == "gae" else None)
+    trainer.reward_weights, trainer.reward_models = {"f": 1.0}, {}
+    return trainer
+
+
+def rollout():
+    """Four samples (two prompts x 2) of 3, 1, 2 and 3 response tokens."""
+    lengths, scores = [3, 1, 2, 3], [1.0, 0.0, 0.5, 2.0]
+    out = []
+    for i, (n, score) in enumerate(zip(lengths, scores)):
+        out.append({"response_ids": [5] * n, "score": score, "scores": {"f": score}, "text": "x", "finish_reason": "stop",
+                    "old_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
+                    "ref_logps": [-1.1 - 0.05 * t for t in range(n)],
+                    "sampler_logps": [-1.0 - 0.1 * i - 0.2 * t + 0.3 for t in range(n)],
+                    "old_values": [0.2 * t - 0.1 * i for t in range(n)]})
+    return out
+
+
+def test_ppo_advantages_are_gae_of_kl_penalised_rewards():
+    samples = rollout()
+    advantage_trainer().advantages(samples)
+    gamma, lam, beta = 1.0, 0.95, 0.1
+    for s in samples:
+        n = len(s["response_ids"])
+        kl = [s["old_logps"][t] - s["ref_logps"][t] for t in range(n)]
+        r = [-beta * kl[t] + (s["score"] if t == n - 1 else 0.0) for t in range(n)]
+        v = s["old_values"] + [0.0]
+        adv, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            running = r[t] + gamma * v[t + 1] - v[t] + gamma * lam * running
+            adv[t] = running
+        assert s["advantages"] == pytest.approx(adv, abs=1e-5)
+        assert s["returns"] == pytest.approx([a + b for a, b in zip(adv, v)], abs=1e-5)
+        w = [min(math.exp(s["old_logps"][t] - s["sampler_logps"][t]), 2.0) for t in range(n)]
+        assert s["is_weight"] == pytest.approx(w, abs=1e-6)
+
+
+def test_grpo_and_rloo_advantages_are_per_prompt_baselines_broadcast_over_tokens():
+    samples = rollout()
+    advantage_trainer(advantage="grpo", kl_in_reward=False).advantages(samples)
+    for group in (samples[:2], samples[2:]):
+        a, b = (s["score"] for s in group)
+        mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # the unbiased std of two numbers
+        for s in group:
+            assert s["advantages"] == pytest.approx([(s["score"] - mean) / (std + 1e-6)] * len(s["response_ids"]), abs=1e-5)
+    samples = rollout()
+    advantage_trainer(advantage="rloo").advantages(samples)
+    for group in (samples[:2], samples[2:]):
+        # the sequence's KL (k1, summed) comes off its score; the other sample is the baseline
+        net = [s["score"] - 0.1 * sum(o - r for o, r in zip(s["old_logps"], s["ref_logps"])) for s in group]
+        for s, mine, other in zip(group, net, net[::-1]):
+            assert s["advantages"] == pytest.approx([mine - other] * len(s["response_ids"]), abs=1e-5)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+BAD_REWARDS = '''
+def sometimes(prompt, completion, **row):
+    if completion.startswith("1"):
+        raise ValueError("no ones")
+    return float("nan") if completion.endswith("9") else 1.0
+
+def always(prompt, completion, **row):
+    raise KeyError("answer_key")
+'''
+
+
+def test_failing_reward_functions_are_reported_and_bounded(tmp_path, single_process):
+    path = tmp_path / "bad_rewards.py"
+    path.write_text(BAD_REWARDS)
+    cfg = make_cfg(*rl_overrides(tmp_path / "some", "grpo", "n_examples=4", "eval_at_end=false", "loss.save_rollouts=true",
+                                 f"reward.functions=[{path}:sometimes]", "reward.max_invalid_fraction=1.0"))
+    FixedRollout(cfg, distributed.device()).train()
+    (record,) = [r for r in metrics(tmp_path / "some") if "rollout/invalid_fraction" in r]
+    rows = [json.loads(line) for line in (tmp_path / "some" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if "error" in r]
+    assert failed and record["rollout/invalid_fraction"] == len(failed) / len(rows)
+    assert all(r["score"] == 0.0 for r in failed)
+    assert any("raised ValueError: no ones" in r["error"] for r in failed)
+    assert all(r["text"].startswith("1") or r["text"].endswith("9") for r in failed)
+    cfg = make_cfg(*rl_overrides(tmp_path / "all", "grpo", "n_examples=4", f"reward.functions=[{path}:always]"))
+    with pytest.raises(RuntimeError, match=r"8 of 8 samples .*always raised KeyError: 'answer_key'"):
+        FixedRollout(cfg, distributed.device()).train()
+    cfg = make_cfg(*rl_overrides(tmp_path / "typo", "grpo", f"reward.functions=[{path}:sometime]"))
+    with pytest.raises(ValueError, match="has no function 'sometime'"):
+        FixedRollout(cfg, distributed.device())
+
+
+def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, single_process):
+    """Two exported reward models, one with the policy's tokenizer and one whose chat template
+    differs: each scores what it would score on its own tokenization of the conversation."""
+    cfg = make_cfg(*rl_overrides(tmp_path / "x", "grpo"))
+    policy_tok = models.load_tokenizer(cfg.model)
+    dirs = {}
+    for name, template in (("same", policy_tok.chat_template),
+                           ("other", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                     "{% if add_generation_prompt %}[assistant] {% endif %}")):
+        rm = models.load_reward_model(cfg.model, torch.device("cpu"), seed=len(name))
+        weights, config = rm.export_weights(rm.state_dict())
+        tok = AutoTokenizer.from_pretrained(models.resolve(cfg.model.tokenizer_name_or_path))
+        tok.chat_template = template
+        dirs[name] = tmp_path / name
+        checkpointing.write_hf(dirs[name], weights, config, tok)
+    cfg = make_cfg(*rl_overrides(tmp_path / "x", "grpo", f"reward.models=[{dirs['same']},{dirs['other']}]",
+                                 "reward.functions=[]"))
+    trainer = FixedRollout(cfg, distributed.device())
+    examples = trainer.train_examples[:3]
+    samples = trainer.generate(examples, SamplingParams(n=2))
+    samples[1]["response_ids"] = samples[1]["response_ids"][:-1]  # cut before the end-of-turn token
+    trainer.score(samples)
+    assert [trainer.reward_models[str(d)][2] for d in dirs.values()] == [True, False]
+    for name, d in dirs.items():
+        model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+        tok = AutoTokenizer.from_pretrained(d)
+        for s in samples:
+            ids = prompt_ids(tok, s["prompt"]) + response_ids(tok, s["text"])
+            with torch.no_grad():
+                expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+            assert s["scores"][str(d)] == pytest.approx(expected, abs=1e-4), (name, s["text"])
+    assert samples[0]["score"] == pytest.approx(sum(samples[0]["scores"].values()))
