@@ -45,10 +45,22 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def close():
+def close(group_intact: bool = True):
+    """Leave the group. After a peer died the barrier would only fail again (gloo) or wait for the
+    dead rank until the timeout (NCCL), so a broken group is left without it."""
     if dist.is_initialized():
-        dist.barrier()  # without it gloo sometimes aborts at exit ("terminate called without an active exception")
+        if group_intact:
+            dist.barrier()  # without it gloo sometimes aborts at exit ("terminate called without an active exception")
         dist.destroy_process_group()
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed, which in a run that worked so far means another
+    rank died or stopped answering. NCCL and the store raise DistError; gloo's transport errors
+    (connection reset or closed by the peer, receive timeout) arrive as plain RuntimeErrors."""
+    if world() == 1:
+        return False
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
 
 
 def barrier():

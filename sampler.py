@@ -8,6 +8,12 @@ Both samplers share one contract (``Sampler``):
   Each rank passes its own prompts, and ranks may pass different numbers (zero too), but every
   rank calls ``generate`` the same number of times with the same ``params`` (HF under FSDP runs
   its forward passes in lockstep over all ranks).
+- ``choice_logprobs(prompts, choices)``: scoring, not sampling. ``prompts`` are token ids as for
+  ``generate``, ``choices`` candidate next-token ids; returns, per prompt in order, one log-prob
+  per choice (in the order of ``choices``): ``log_softmax`` of the raw logits of the token after
+  the prompt (temperature 1, no penalties), so they need not sum to 1 over the choices (e.g. an
+  LLM judge's "A" vs "B": renormalise over the choices yourself). Called like ``generate``: every
+  rank the same number of times, with any number of prompts (zero too).
 - ``sync_weights(model)``: collective. Makes the sampler generate from ``model``'s current
   weights; returns the seconds it took (log it as ``timing/weight_sync``).
 - A ``Sample``'s ``logprobs`` are log p(token) under the model's raw distribution (temperature 1,
@@ -68,6 +74,9 @@ class Sample:
 
 class Sampler:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        raise NotImplementedError
+
+    def choice_logprobs(self, prompts: list[list[int]], choices: list[int]) -> list[list[float]]:
         raise NotImplementedError
 
     def sync_weights(self, model) -> float:
@@ -198,6 +207,41 @@ class HFSampler(Sampler):
             model.train(was_training)
             model.config.use_cache, model.generation_config = use_cache, gen_config
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def choice_logprobs(self, prompts: list[list[int]], choices: list[int]) -> list[list[float]]:
+        """One forward pass per ``batch_size`` prompts (left-padded); under FSDP every rank runs as
+        many passes as the rank with the most batches (padding passes for the others)."""
+        batches = [prompts[i : i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
+        n_calls = self._max_over_ranks(len(batches)) if self.lockstep() else len(batches)
+        index = torch.tensor(choices, dtype=torch.long)
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for b in range(n_calls):
+                logps = self._next_token_logps(batches[b] if b < len(batches) else [[self.tokenizer.pad_token_id]])
+                if b < len(batches):
+                    out += logps[:, index.to(logps.device)].tolist()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _next_token_logps(self, batch: list[list[int]]) -> torch.Tensor:
+        """``log_softmax`` of the logits after each prompt of ``batch``: [len(batch), vocab], fp32."""
+        model, pad = self.model, self.tokenizer.pad_token_id
+        dev = next(model.parameters()).device
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=dev)
+        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=dev)
+        # positions count real tokens only, so that absolute position embeddings (GPT-2, OPT) see a
+        # left-padded prompt as they would see it alone
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        # the last position's logits only, not [batch, width, vocab], where the model allows it
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, **last_only).logits[:, -1]
+        return torch.log_softmax(logits.float(), -1)
 
     def _max_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], device=distributed.device())
@@ -526,6 +570,23 @@ class VLLMSampler(Sampler):
                 samples.append(Sample(ids, text, [lp[t].logprob for t, lp in zip(ids, c.logprobs)], c.finish_reason))
             result.append(samples + [copy.deepcopy(samples[0]) for _ in range(params.n - n)])
         return result
+
+    def choice_logprobs(self, prompts: list[list[int]], choices: list[int]) -> list[list[float]]:
+        """One greedy token per prompt with ``logprob_token_ids=choices``. vLLM 0.32 gathers those
+        from the raw ``log_softmax`` of the logits (``logprobs_mode="raw_logprobs"``, the default,
+        computed before any logits processor; vllm/v1/sample/sampler.py), so the log-probs are
+        not renormalised over the choices (vLLM's per-position dict also holds the greedy token)."""
+        from vllm import SamplingParams as VP
+
+        if not prompts:
+            return []
+        self._wake("weights")
+        self._wake("kv_cache")
+        params = VP(max_tokens=1, temperature=0, logprob_token_ids=list(choices), detokenize=False)
+        with self.rng.active():
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        self._sleep()
+        return [[out.outputs[0].logprobs[0][c].logprob for c in choices] for out in outs]
 
     def close(self):
         if getattr(self, "llm", None) is None:

@@ -4,13 +4,17 @@ Also runs as plain ``python train.py ...`` (a world of one). Hydra composes ``co
 with a ``model/`` and a ``loss/`` file; the loss names the trainer class that runs it.
 """
 
+import logging
 import os
 import uuid
 
 import hydra
 from omegaconf import OmegaConf
 
+import checkpointing
 import distributed
+
+log = logging.getLogger("train")
 
 
 def run_id() -> str:
@@ -25,9 +29,20 @@ def run_id() -> str:
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
+def report_lost_peer(cfg, trainer, exc: BaseException):
+    """gloo's own words ("Connection reset by peer ... GLHF!") neither say that a rank died nor what
+    to do next; torchrun's failure summary names the rank, this says where to resume from."""
+    found = checkpointing.complete(cfg.run_dir)
+    where = f" at step {trainer.step}" if trainer is not None else ""
+    said = (str(exc).splitlines() or [""])[0]
+    log.error(f"rank {distributed.rank()}{where}: a collective failed: another rank died or stopped answering "
+              f"(torchrun's failure summary names it). Last complete checkpoint: {found[-1] if found else 'none'}; "
+              f"run again with resume=true to continue from it. [{type(exc).__name__}: {said}]")
+
+
 def main(cfg):
     device = distributed.init(cfg.dist_timeout_minutes)
-    trainer = None
+    trainer, group_intact = None, True
     try:
         distributed.setup_logging(None)
         from trainers import TRAINERS
@@ -38,10 +53,15 @@ def main(cfg):
         distributed.setup_logging(os.path.join(cfg.run_dir, "train.log"))
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
+    except Exception as exc:
+        group_intact = not distributed.lost_peer(exc)
+        if not group_intact:
+            report_lost_peer(cfg, trainer, exc)
+        raise
     finally:
-        if trainer is not None and trainer.sampler is not None:
+        if group_intact and trainer is not None and trainer.sampler is not None:
             trainer.sampler.close()  # collective; vLLM's shutdown takes the process group down with it
-        distributed.close()
+        distributed.close(group_intact)
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")

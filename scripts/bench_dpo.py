@@ -4,15 +4,19 @@
 
 Each configuration is a real ``torchrun train.py loss=dpo`` run on the same synthetic pairs
 (log-normal lengths); reported: real (non-padding) tokens/s of the policy's forward and backward
-(median over steps after the first few), the padding fraction, and the peak memory of the busiest
-rank (CUDA allocator peak on GPU, peak RSS on CPU). A precomputed reference spends one extra pass
-before training (not in tokens/s) and holds one model instead of two.
+(median over steps after the first few), the same per rank (per GPU on CUDA), the padding
+fraction, the peak memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), and
+model FLOPs utilisation as in bench_sft.py: per token, the policy's forward and backward (6 x
+parameters + 12 x layers x hidden x mean sequence length) plus, with a resident reference, its
+forward (a third of that). A precomputed reference spends one extra pass before training (not in
+tokens/s) and holds one model instead of two.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_sft import run, synthetic_chat  # noqa: E402
+from bench_sft import add_throughput, device_name, model_shape, peak_flops_per_rank, run, synthetic_chat  # noqa: E402
 
 CONFIGS = {
     "packed, resident ref": ["packing=true", "loss.precompute_ref_logps=false"],
@@ -37,26 +41,45 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="bench_dpo.json")
+    parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: bench_sft.DATASHEET_PEAK)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
     args.overrides = ["loss=dpo", *args.overrides]
 
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if device.type == "cpu" else 1
+    peak_per_rank, peak_source = peak_flops_per_rank(device, threads, args.peak_tflops)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = workdir / "pairs.jsonl"
         synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2, pairs=True)
         results = {name: run(name.replace(", ", "-").replace(" ", "_"), settings, args, data, workdir)
                    for name, settings in CONFIGS.items()}
+        params, layers, hidden = model_shape(Path(next(iter(results.values()))["run_dir"]) / "LATEST")
+    flops = {name: flops_per_token(params, layers, hidden, r, "resident" in name) for name, r in results.items()}
+    add_throughput(results, flops, peak_per_rank, args.nproc)
     for r in results.values():
         del r["run_dir"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"DPO, {device}, {args.nproc} rank(s), {args.batch_size} pairs per step")
-    print(f"{'configuration':26} {'real tokens/s':>14} {'padding':>8} {'peak mem/rank GB':>17}")
+    print(f"DPO, {device_name(device)}, {args.nproc} rank(s), {args.batch_size} pairs per step, "
+          f"peak {peak_per_rank * args.nproc / 1e9:.1f} GFLOP/s over all ranks ({peak_source})")
+    per = "GPU" if device.type == "cuda" else "rank"
+    print(f"{'configuration':26} {'real tokens/s':>14} {f'tokens/s/{per}':>15} {'padding':>8} {'peak mem/rank GB':>17} "
+          f"{'MFU':>7}")
     for name, r in results.items():
-        print(f"{name:26} {r['tokens_per_s']:14.0f} {r['padding_fraction']:8.1%} {r['peak_memory_gb']:17.2f}")
-    report = {"device": device, "nproc": args.nproc, "overrides": args.overrides, "results": results}
+        print(f"{name:26} {r['tokens_per_s']:14.0f} {r['tokens_per_s_per_rank']:15.0f} {r['padding_fraction']:8.1%} "
+              f"{r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
+    report = {"device": device.type, "device_name": device_name(device), "nproc": args.nproc, "parameters": params,
+              "peak_flops": peak_per_rank * args.nproc, "peak_source": peak_source, "flops_per_token": flops,
+              "overrides": args.overrides, "results": results}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
+
+
+def flops_per_token(params: int, layers: int, hidden: int, result: dict, resident_reference: bool) -> float:
+    """Model FLOPs per real token: the policy's forward and backward, and the reference's forward."""
+    mean_length = result["mean_tokens_per_sequence"] / 2  # run() counts a pair (both replies) as one example
+    forward = 2 * params + 4 * layers * hidden * mean_length
+    return 3 * forward + forward * resident_reference
 
 
 if __name__ == "__main__":

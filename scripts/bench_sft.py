@@ -5,10 +5,12 @@
 For each layout it launches ``torchrun train.py packing=<true|false> ...`` on a synthetic chat-like
 dataset with long-tailed lengths, then reads the run's metrics.jsonl. Reported per layout:
 real (non-padding) tokens/s (median over steps after the first few), the padding fraction, the
-peak memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), and model FLOPs
-utilisation: model FLOPs per token (6 x parameters + 12 x layers x hidden x mean sequence length,
-as in the PaLM paper) times tokens/s, over the matrix-product FLOP/s timed in this run on the same
-device with the same threads per rank, times the number of ranks.
+peak memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), real tokens/s per
+rank (per GPU on CUDA), and model FLOPs utilisation: model FLOPs per token (6 x parameters + 12 x
+layers x hidden x mean sequence length, as in the PaLM paper) times tokens/s, over the peak FLOP/s
+of all ranks. A rank's peak is the datasheet's dense bf16 rate on the GPUs in ``DATASHEET_PEAK``
+(or ``--peak-tflops``); on other GPUs and on CPU, the matrix-product FLOP/s timed in this run on
+the same device with the same threads per rank.
 """
 
 from __future__ import annotations
@@ -62,6 +64,32 @@ def matmul_flops(device: torch.device, threads: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+# Dense (no sparsity) bf16 tensor-core FLOP/s of one GPU from NVIDIA's datasheets, by a part of
+# torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part): published MFU numbers
+# are against these, so a measured matmul rate would flatter the run.
+DATASHEET_PEAK = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops_per_rank(device: torch.device, threads: int, tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one rank, where that number comes from)."""
+    if tflops:
+        return tflops * 1e12, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for part, flops in DATASHEET_PEAK.items():
+            if part in name:
+                return flops, f"datasheet bf16 dense, {name}"
+    return matmul_flops(device, threads), "matmul timed in this run"
+
+
+def add_throughput(results: dict, flops_per_token: dict | float, peak_per_rank: float, nproc: int):
+    """Each result's tokens/s per rank and MFU; ``flops_per_token`` per result name, or one for all."""
+    for name, r in results.items():
+        per_token = flops_per_token[name] if isinstance(flops_per_token, dict) else flops_per_token
+        r["tokens_per_s_per_rank"] = r["tokens_per_s"] / nproc
+        r["mfu"] = r["tokens_per_s"] * per_token / (peak_per_rank * nproc)
+
+
 def model_shape(export_dir: Path) -> tuple[int, int, int]:
     """(parameters, layers, hidden size) read from an exported checkpoint, without loading it."""
     config = json.loads((export_dir / "config.json").read_text())
@@ -70,6 +98,10 @@ def model_shape(export_dir: Path) -> tuple[int, int, int]:
         with safe_open(f, "pt") as st:
             n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return n, config["num_hidden_layers"], config["hidden_size"]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run(name: str, settings: list[str], args, data: Path, workdir: Path) -> dict:
@@ -101,12 +133,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="bench_sft.json")
+    parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: DATASHEET_PEAK)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if device.type == "cpu" else 1
-    peak = matmul_flops(device, threads) * args.nproc
+    peak_per_rank, peak_source = peak_flops_per_rank(device, threads, args.peak_tflops)
+    peak = peak_per_rank * args.nproc
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = workdir / "chat.jsonl"
@@ -116,17 +150,20 @@ def main():
         params, layers, hidden = model_shape(Path(results["packed"]["run_dir"]) / "LATEST")
     mean_tokens = results["packed"]["mean_tokens_per_sequence"]
     flops_per_token = 6 * params + 12 * layers * hidden * mean_tokens
+    add_throughput(results, flops_per_token, peak_per_rank, args.nproc)
     for r in results.values():
-        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
         del r["run_dir"]
-    report = {"device": device.type, "nproc": args.nproc, "parameters": params, "matmul_peak_flops": peak,
-              "flops_per_token": flops_per_token, "overrides": args.overrides, "results": results}
+    report = {"device": device.type, "device_name": device_name(device), "nproc": args.nproc, "parameters": params,
+              "peak_flops": peak, "peak_source": peak_source, "flops_per_token": flops_per_token,
+              "overrides": args.overrides, "results": results}
 
-    print(f"{device.type}, {args.nproc} rank(s), {params / 1e6:.2f}M parameters, "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s over all ranks")
-    print(f"{'layout':8} {'real tokens/s':>14} {'padding':>8} {'peak mem/rank GB':>17} {'MFU':>7}")
+    print(f"{device_name(device)}, {args.nproc} rank(s), {params / 1e6:.2f}M parameters, "
+          f"peak {peak / 1e9:.1f} GFLOP/s over all ranks ({peak_source})")
+    per = "GPU" if device.type == "cuda" else "rank"
+    print(f"{'layout':8} {'real tokens/s':>14} {f'tokens/s/{per}':>15} {'padding':>8} {'peak mem/rank GB':>17} {'MFU':>7}")
     for layout, r in results.items():
-        print(f"{layout:8} {r['tokens_per_s']:14.0f} {r['padding_fraction']:8.1%} {r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
+        print(f"{layout:8} {r['tokens_per_s']:14.0f} {r['tokens_per_s_per_rank']:15.0f} {r['padding_fraction']:8.1%} "
+              f"{r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -29,6 +31,15 @@ def fast_overrides(run_dir) -> list[str]:
     """A tiny SFT run: a few steps, small evals, fp32."""
     return [f"run_dir={run_dir}", "batch_size=8", "eval_batch_size=8", "n_examples=48", "n_eval_examples=8",
             "lr=1e-3", "warmup_steps=1", "eval_every=24", "max_length=64", "max_prompt_length=32"]
+
+
+def torchrun(*args, **kwargs) -> subprocess.Popen:
+    """A real 2-rank ``torchrun train.py *args`` job, started in its own session (so that a test can
+    kill the whole job), its output merged into ``stdout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True, **kwargs)
 
 
 def _rank_entry(rank, fn, world, init_file, result_dir, args):

@@ -4,13 +4,11 @@ uninterrupted run logs; and bad input stops a real launch before training, with 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, run_ranks
+from conftest import run_ranks, torchrun
 from test_trainer import assert_same_run, metrics, train_run
 
 OVERRIDES = ["batch_size=8", "eval_batch_size=8", "n_examples=640", "n_eval_examples=8", "lr=1e-3",
@@ -24,13 +22,6 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     run_ranks(train_run, 2, tmp, [f"run_dir={tmp / 'run'}", "save_every=80", *OVERRIDES])
     return metrics(tmp / "run")
-
-
-def torchrun(*args, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True, **kwargs)
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, reference):

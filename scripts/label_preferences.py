@@ -1,0 +1,302 @@
+"""Label preference pairs with an LLM judge under one written principle (AI feedback, RLAIF).
+
+    torchrun --nproc_per_node 2 scripts/label_preferences.py --judge /tmp/judge/LATEST \
+        --input pairs.jsonl --out labeled.jsonl [--principle "..."] [--min-confidence 0.6] \
+        [--sampler auto|vllm|hf] [--set batch_size=32]
+
+``python scripts/label_preferences.py ...`` runs it as a world of one. ``--judge`` is an HF causal
+LM directory (e.g. ``<run_dir>/LATEST``) or a config of config/model (``tiny``: random init, for
+tests). ``--input`` is a .json/.jsonl/.parquet file of rows
+
+    {"prompt": [messages] or str, "response_a": str, "response_b": str}
+
+or of preference rows ``{"prompt", "chosen", "rejected"}`` to re-label (``chosen`` is then
+response a). Every row is checked before the judge is loaded; errors name the file, row and field.
+
+The judge reads one user turn holding the principle, the conversation, Response A, Response B and
+"Which response is better? Answer A or B."; the log-probs of its next token being "A" or "B"
+(``Sampler.choice_logprobs``) give p(A) = softmax over just those two. Each pair is judged twice,
+a shown first and then second, which cancels the judge's position bias:
+
+    P(a better) = (p(A | a first) + p(B | a second)) / 2
+
+chosen is the better response. A tie (P exactly 0.5, e.g. a judge that always answers "A") and,
+with ``--min-confidence c``, a pair with P(chosen better) < c give no pair. Rows are dealt
+round-robin to the ranks; rank 0 writes the pairs, in input order, to ``--out`` (via a .tmp file),
+which ``train.py loss=rm|dpo datasets=[<out>]`` reads as is:
+
+    {"index": i, <the row's other fields>, "prompt": [messages], "chosen": str, "rejected": str,
+     "judge_prob_chosen": P(chosen better), "judge_prob_a_first": p(A | a first),
+     "judge_prob_a_second": p(B | a second), "chosen_was": "a" | "b",
+     "judge_logprobs_a_first": [log p(A), log p(B)], "judge_logprobs_a_second": [...],
+     "principle": str, "judge": str}
+
+The raw log-probs show how much probability the judge puts on the two answers at all; the summary
+printed at the end reports its mean, and how often the two orders agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
+import distributed  # noqa: E402
+import models  # noqa: E402
+from data import DataError, where  # noqa: E402
+from data import local  # noqa: E402
+from data.tokenize import prompt_ids  # noqa: E402
+from sampler import VLLMSampler, build_sampler, config_kwargs, vllm_available  # noqa: E402
+from scripts.generate import sampler_config  # noqa: E402
+
+PRINCIPLE = "Choose the response that is more helpful, honest and harmless."
+QUESTION = "Which response is better? Answer A or B."
+LABELS = ("A", "B")
+PAIR_KEYS = (("response_a", "response_b"), ("chosen", "rejected"))  # input shapes, first match wins
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--judge", required=True, help="an HF checkpoint directory, or a config/model name (e.g. tiny)")
+    p.add_argument("--input", required=True, help="a .json/.jsonl/.parquet of pairs to judge")
+    p.add_argument("--out", required=True, help="the JSONL of pairs to write")
+    p.add_argument("--principle", default=PRINCIPLE, help="what 'better' means to the judge")
+    p.add_argument("--min-confidence", "--min_confidence", type=float, default=0.5,
+                   help="drop pairs whose P(chosen better) is below this (0.5: keep all but exact ties)")
+    p.add_argument("--max-length", type=int, default=None, help="skip rows whose judge prompt is longer (tokens)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
+    p.add_argument("--seed", type=int, default=0, help="random init of a config judge without weights")
+    p.add_argument("--dtype", default="float32", choices=list(models.DTYPES), help="compute dtype")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sampler config key")
+    args = p.parse_args(argv)
+    if not 0.5 <= args.min_confidence <= 1:
+        p.error(f"--min-confidence {args.min_confidence}: expected a probability in [0.5, 1]")
+    return args
+
+
+# --- input ---------------------------------------------------------------------------------------
+
+
+def load_pairs(path: str) -> list[dict]:
+    """Rows ``{"prompt", "a", "b", "extra", "origin"}`` of every record of ``path``, all checked."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in local.EXTENSIONS:
+        raise DataError(f"{path}: unsupported extension {ext!r}; expected one of {', '.join(local.EXTENSIONS)}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records = local._read(path, ext)
+    if not records:
+        raise DataError(f"{path}: empty file (no rows)")
+    keys = pair_keys(path, *records[0])
+    return [pair_row(obj, path, n, keys) for n, obj in records]
+
+
+def pair_keys(path: str, n: int, first) -> tuple[str, str]:
+    """The input's shape, from its first record, as data/local.py decides a file's shape."""
+    if isinstance(first, dict):
+        for keys in PAIR_KEYS:
+            if any(k in first for k in keys):
+                return keys
+    raise DataError(f"{where(path, n, 'response_a')}: missing (a row needs response_a and response_b, "
+                    f"or chosen and rejected)")
+
+
+def pair_row(obj, path: str, n: int, keys: tuple[str, str]) -> dict:
+    # data/local.py's own row check: the same prompt forms and messages train.py accepts
+    row = local._row(obj, path, n, "prompt", {"a": keys[0], "b": keys[1]})
+    if row["a"] == row["b"]:
+        raise DataError(f"{where(path, n, keys[1])}: identical to {keys[0]!r}; the judge has nothing to compare")
+    row["extra"] = {k: v for k, v in obj.items() if k not in ("prompt", *keys)}
+    return row
+
+
+# --- the judge's prompt and its answer -----------------------------------------------------------
+
+
+def judge_messages(principle: str, conversation: list[dict], first: str, second: str) -> list[dict]:
+    """One user turn (every chat template has one; not all take a system turn)."""
+    transcript = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
+    text = (f"Compare two responses of an AI assistant to the conversation below, judging them by this principle:\n"
+            f"{principle}\n\n[Conversation]\n{transcript}\n\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
+            f"{QUESTION}")
+    return [{"role": "user", "content": text}]
+
+
+def choice_ids(tokenizer) -> list[int]:
+    """The token ids of the answers "A" and "B" as the judge's reply would begin: right after the
+    chat template's assistant header, or after the plain format's "Assistant:" (" A")."""
+    ids = []
+    for label in LABELS:
+        text = label if tokenizer.chat_template else " " + label
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"the judge's tokenizer splits {text!r} into {len(tokens)} tokens {tokens}: "
+                             f"its answer cannot be read from one next-token distribution")
+        ids.append(tokens[0])
+    return ids
+
+
+def judge_prompts(tokenizer, principle: str, row: dict) -> list[list[int]]:
+    """Token ids of the judge prompt with a first, then with b first."""
+    return [prompt_ids(tokenizer, judge_messages(principle, row["prompt"], x, y))
+            for x, y in ((row["a"], row["b"]), (row["b"], row["a"]))]
+
+
+def two_way(logps: list[float]) -> float:
+    """p(first choice) under a softmax over just the two choices."""
+    return float(torch.softmax(torch.tensor(logps, dtype=torch.float64), 0)[0])
+
+
+def decide(p_a_first: float, p_a_second: float, min_confidence: float = 0.5) -> tuple[str, float]:
+    """(verdict, P(a better)): verdict "a" or "b" (the better one), "tie" when P is exactly 0.5
+    (nothing to learn, and no side to pick without a bias), "unsure" when P(chosen better) is
+    below ``min_confidence``."""
+    p = (p_a_first + p_a_second) / 2
+    if p == 0.5:
+        return "tie", p
+    if max(p, 1 - p) < min_confidence:
+        return "unsure", p
+    return ("a" if p > 0.5 else "b"), p
+
+
+def label(row: dict, index: int, logps_a_first: list[float], logps_a_second: list[float], args) -> dict:
+    """The judged row: its verdict, and the pair unless the verdict is a tie or unsure."""
+    p_first, p_second = two_way(logps_a_first), two_way(logps_a_second[::-1])  # p(A | a first), p(B | a second)
+    verdict, p = decide(p_first, p_second, args.min_confidence)
+    out = {"index": index, "verdict": verdict, "orders_agree": (p_first > 0.5) == (p_second > 0.5),
+           "mass": [sum(math.exp(x) for x in logps_a_first), sum(math.exp(x) for x in logps_a_second)]}
+    if verdict in ("a", "b"):
+        chosen, rejected = (row["a"], row["b"]) if verdict == "a" else (row["b"], row["a"])
+        out["pair"] = {**row["extra"], "index": index, "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                       "judge_prob_chosen": max(p, 1 - p), "judge_prob_a_first": p_first,
+                       "judge_prob_a_second": p_second, "chosen_was": verdict,
+                       "judge_logprobs_a_first": logps_a_first, "judge_logprobs_a_second": logps_a_second,
+                       "principle": args.principle, "judge": args.judge}
+    return out
+
+
+# --- the judge model -----------------------------------------------------------------------------
+
+
+def judge_config(judge: str):
+    """A model config for ``--judge``: an HF directory, or a config/model name or .yaml path."""
+    if Path(judge).is_dir():
+        return OmegaConf.create({"name_or_path": str(Path(judge).resolve())})
+    yaml = Path(judge) if judge.endswith(".yaml") else REPO / "config" / "model" / f"{judge}.yaml"
+    if yaml.is_file():
+        return OmegaConf.load(yaml)
+    known = ", ".join(sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml")))
+    raise ValueError(f"--judge {judge!r}: not a model directory, nor a config in config/model ({known})")
+
+
+def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, device, work_dir: Path):
+    section = sampler_config(name, args, max_model_len)
+    path = models.weights_path(judge_cfg)
+    if name == "vllm" and path and Path(path).is_dir() and not judge_cfg.get("tokenizer_name_or_path"):
+        return VLLMSampler(path, load_format="auto", **config_kwargs(VLLMSampler, section))  # reads the weights itself
+    model = models.load_model(judge_cfg, device, seed=args.seed)
+    if name == "hf":
+        model = models.shard(model, init_device_mesh(device.type, (distributed.world(),)), param_dtype=args.dtype)
+    # vLLM: an engine built from config + tokenizer (written to work_dir), then given the weights
+    return build_sampler(OmegaConf.create({"sampler": section}), model, tokenizer, work_dir)
+
+
+def max_over_ranks(value: int) -> int:
+    t = torch.tensor([value], device=distributed.device())
+    if distributed.world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse(argv)
+    rows = load_pairs(args.input)  # bad input stops here, before anything is loaded
+    judge_cfg = judge_config(args.judge)
+    owns_group = not dist.is_initialized()
+    device = distributed.init()
+    rank, world = distributed.rank(), distributed.world()
+    work_dir = Path(args.out).with_name(Path(args.out).name + ".judge")  # vLLM's model dir, for a judge without one
+    sampler = None
+    try:
+        tokenizer = models.load_tokenizer(judge_cfg)
+        prompts, too_long = my_prompts(tokenizer, rows, rank, world, args)
+        name = args.sampler if args.sampler != "auto" else ("vllm" if vllm_available() else "hf")
+        longest = max_over_ranks(max((len(p) for ids in prompts.values() for p in ids), default=1))
+        sampler = make_sampler(name, judge_cfg, tokenizer, args, longest + 1, device, work_dir)
+        logps = sampler.choice_logprobs([p for ids in prompts.values() for p in ids], choice_ids(tokenizer))
+        judged = [label(rows[i], i, logps[2 * k], logps[2 * k + 1], args) for k, i in enumerate(prompts)]
+        parts = [None] * world
+        dist.all_gather_object(parts, (judged, too_long))
+        if rank == 0:
+            summary = write(args.out, parts, len(rows))
+            print(json.dumps({"out": args.out, "sampler": name, "ranks": world, **summary}))
+            warn(summary)
+    finally:
+        if sampler is not None:
+            sampler.close()  # a vLLM engine takes the process group down with it
+        if owns_group:
+            distributed.close()
+    if rank == 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def my_prompts(tokenizer, rows: list[dict], rank: int, world: int, args) -> tuple[dict[int, list], list[int]]:
+    """This rank's rows (round-robin): {row index: its two judge prompts}, and the rows skipped
+    for a judge prompt longer than ``--max-length``."""
+    prompts, too_long = {}, []
+    for i in range(rank, len(rows), world):
+        ids = judge_prompts(tokenizer, args.principle, rows[i])
+        if args.max_length and max(map(len, ids)) > args.max_length:
+            too_long.append(i)
+        else:
+            prompts[i] = ids
+    return prompts, too_long
+
+
+def warn(summary: dict):
+    if summary["pairs"] == 0:
+        print("warning: no pair was kept (see ties / below_min_confidence / too_long)", file=sys.stderr)
+    if summary["mean_prob_on_choices"] < 0.5:
+        print(f"warning: the judge puts {summary['mean_prob_on_choices']:.3f} of its next-token probability on "
+              f"{' / '.join(LABELS)} on average: it may not follow the answer format (a base model? "
+              f"another answer token?), which makes its verdicts noise", file=sys.stderr)
+
+
+def write(out: str, parts: list, n_rows: int) -> dict:
+    """Merge the ranks' judgments; write the pairs in input order; return the counts."""
+    judged = sorted((j for part, _ in parts for j in part), key=lambda j: j["index"])
+    too_long = sum(len(t) for _, t in parts)
+    if [j["index"] for j in judged] != sorted(set(range(n_rows)) - {i for _, t in parts for i in t}):
+        raise RuntimeError("a row was judged twice or not at all")
+    pairs = [j["pair"] for j in judged if "pair" in j]
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair) + "\n")
+    os.replace(tmp, out)
+    count = {v: sum(j["verdict"] == v for j in judged) for v in ("tie", "unsure")}
+    masses = [m for j in judged for m in j["mass"]]
+    return {"rows": n_rows, "pairs": len(pairs), "ties": count["tie"], "below_min_confidence": count["unsure"],
+            "too_long": too_long, "chosen_was_a": sum(p["chosen_was"] == "a" for p in pairs),
+            "orders_agree": sum(j["orders_agree"] for j in judged) / max(len(judged), 1),
+            "mean_prob_on_choices": sum(masses) / max(len(masses), 1)}
+
+
+if __name__ == "__main__":
+    main()

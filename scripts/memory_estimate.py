@@ -1,0 +1,275 @@
+"""Expected memory per GPU of SFT, DPO and PPO with the default configs: computed, not measured.
+
+    python scripts/memory_estimate.py [--gpus 8] [--gpu-gib 80] [--models llama3_8b,qwen2_5_7b,mistral7b] \
+        [--out memory_estimate.json] [-- extra hydra overrides, e.g. batch_size=128]
+
+The training config of each stage is what ``train.py model=<m> loss=<sft|dpo|ppo> <overrides>``
+would run (config/config.yaml, config/loss/, config/sampler/), on ``--gpus`` ranks. The model
+shapes are in ``ARCHS`` (each model's config.json on the hub; nothing is downloaded), or a model
+config's ``init`` (model=tiny). Every model is sharded with FSDP2 over all ranks, keeps fp32
+parameters and computes in bf16 (``model.fsdp_policy_mp``). Counted, at the peak of a training
+step (the start of the backward pass), P parameters, N ranks, T tokens in a rank's micro-batch:
+
+- trained model (the policy; PPO's critic): fp32 parameters, fp32 gradients and AdamW's two fp32
+  states, sharded: 16 P / N bytes. The critic is the reward model's class, whose LM head is kept
+  but gets no gradient, so neither gradient nor optimizer state;
+- frozen model (DPO's and PPO's reference, PPO's reward model): fp32 parameters, 4 P / N;
+- root of every model (embeddings, LM head, final norm), gathered in bf16: 2 x its parameters.
+  FSDP2 does not reshard the root after forward (it expects the backward pass), so a frozen
+  model's root stays gathered after its first forward;
+- decoder-layer buffers: two layers gathered in bf16 (the current one and the prefetched next)
+  and one layer's gradient in bf16 and again in fp32 for the reduce-scatter: 10 x layer params;
+- activations: the tensors autograd saves, per token and decoder layer in bf16 (``layer_activation_bytes``:
+  the count matches what a layer saves, measured in tests/test_memory_estimate.py); with
+  activation checkpointing each layer keeps only its input (2 x hidden) and one layer is
+  recomputed at a time. T is the bound: every sequence of the micro-batch at full length;
+- logits, T x vocab: bf16 logits, their fp32 copy and the fp32 log-softmax autograd keeps, then
+  in backward that log-softmax, its gradient and the input's: 12 bytes per entry. DPO's
+  reference runs its forward while the policy's log-softmax is kept: 4 + 10 = 14;
+- PPO's vLLM engine on every GPU: ``sampler.gpu_memory_utilization`` x GPU memory when
+  ``sampler.kv_cache_memory_bytes`` is null (the GPU setting); with the config's default
+  (an explicit KV cache size, for CPU) bf16 weights (2 P) plus that cache; nothing with
+  ``sampler.sleep_mode=true`` (freed while training).
+
+Not counted: the CUDA context, NCCL's buffers, allocator fragmentation, vLLM's own activations,
+and the optimizer step's temporaries, which come after activations and logits are freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+# The keys of each model's config.json on the hub that fix its parameter count.
+ARCHS = {
+    "llama3_8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      tie_word_embeddings=False),
+    "qwen2_5_7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False),
+    "mistral7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      tie_word_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A Llama-style decoder (Llama, Mistral, Qwen2): pre-norm RMSNorm, rotary GQA attention, SwiGLU."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qkv_bias: bool  # Qwen2 always; Llama with attention_bias
+    o_bias: bool  # Llama with attention_bias
+
+    @classmethod
+    def from_config(cls, c: dict) -> Arch:
+        """From a transformers config dict (config.json's keys, or a model config's ``init``)."""
+        if c["model_type"] not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"model_type={c['model_type']!r}: only llama, mistral and qwen2 are modelled")
+        llama_bias = c["model_type"] == "llama" and c.get("attention_bias", False)
+        return cls(model_type=c["model_type"], vocab=c["vocab_size"], hidden=c["hidden_size"],
+                   intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
+                   heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                   head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                   tied=c.get("tie_word_embeddings", False), qkv_bias=c["model_type"] == "qwen2" or llama_bias,
+                   o_bias=llama_bias)
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+def layer_params(a: Arch) -> int:
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    attention = a.hidden * q + 2 * a.hidden * kv + q * a.hidden
+    attention += (q + 2 * kv) * a.qkv_bias + a.hidden * a.o_bias
+    return attention + 3 * a.hidden * a.intermediate + 2 * a.hidden  # gate, up, down; two norms
+
+
+def head_params(a: Arch) -> int:
+    """The LM head's own parameters: none when tied to the embeddings."""
+    return 0 if a.tied else a.vocab * a.hidden
+
+
+def root_params(a: Arch) -> int:
+    """What FSDP2's root module holds: embeddings, LM head, final norm."""
+    return a.vocab * a.hidden + head_params(a) + a.hidden
+
+
+def parameters(a: Arch) -> int:
+    return a.layers * layer_params(a) + root_params(a)
+
+
+# --- activations (bytes per token, bf16 compute) -------------------------------------------------
+
+
+def layer_activation_bytes(a: Arch) -> int:
+    """What one decoder layer saves for backward, per token."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    norm = 4 * a.hidden + 4 + 2 * a.hidden + 2 * a.hidden  # fp32 input, rsqrt, normalised, scaled (bf16)
+    attention = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * a.heads  # q, k after RoPE, v, output; fp32 logsumexp
+    mlp = 4 * 2 * a.intermediate  # gate, up, silu(gate), their product
+    return 2 * norm + attention + mlp
+
+
+def model_activation_bytes(a: Arch) -> int:
+    """Saved once per model, per token: RoPE's cos and sin, the final norm, the token ids."""
+    return 2 * 2 * a.head_dim + (8 * a.hidden + 4) + 8
+
+
+def activation_bytes(a: Arch, checkpointing: bool) -> int:
+    if checkpointing:  # every layer keeps its bf16 input; backward recomputes one layer at a time
+        return a.layers * 2 * a.hidden + layer_activation_bytes(a) + model_activation_bytes(a)
+    return a.layers * layer_activation_bytes(a) + model_activation_bytes(a)
+
+
+# --- one stage ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """The models a stage holds on every rank, and a rank's micro-batch."""
+
+    name: str
+    trained: tuple[str, ...]  # trained with AdamW: "policy", "critic"
+    frozen: tuple[str, ...]  # "reference", "reward_model"
+    tokens: int  # T: a rank's micro-batch, every sequence at full length
+    logits_bytes_per_entry: int  # see the module docstring
+    vllm_bytes: float = 0.0
+
+
+def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> Stage:
+    """The models and token counts ``train.py`` would run with ``cfg`` on ``world`` ranks."""
+    if cfg.model.fsdp_policy_mp != "bfloat16" or cfg.cpu_offload:
+        raise ValueError("modelled: model.fsdp_policy_mp=bfloat16 and cpu_offload=false only")
+    per_rank = cfg.batch_size // world // cfg.gradient_accumulation_steps
+    if name == "sft":
+        return Stage("SFT", ("policy",), (), tokens=per_rank * cfg.max_length, logits_bytes_per_entry=12)
+    if name == "dpo":
+        resident = not cfg.loss.precompute_ref_logps and not cfg.loss.reference_free
+        return Stage("DPO", ("policy",), ("reference",) * resident, tokens=2 * per_rank * cfg.max_length,
+                     logits_bytes_per_entry=14 if resident else 12)
+    if name == "ppo":
+        loss = cfg.loss
+        return Stage("PPO", ("policy",) + ("critic",) * (loss.advantage == "gae"),
+                     ("reference",) * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
+                     tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens),
+                     logits_bytes_per_entry=12, vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a))
+    raise ValueError(f"stage {name!r}: one of sft, dpo, ppo")
+
+
+def vllm_bytes(sampler, gpu_bytes: float, a: Arch) -> float:
+    if sampler.get("sleep_mode"):
+        return 0.0
+    if sampler.get("kv_cache_memory_bytes") is None:
+        return sampler.gpu_memory_utilization * gpu_bytes
+    return 2 * parameters(a) + sampler.kv_cache_memory_bytes
+
+
+def sharded_state_bytes(role: str, a: Arch) -> int:
+    """Bytes over all ranks of one model's parameters (and, if trained, gradients and AdamW states).
+    The critic and the reward model are the reward model's class: the LM plus a scalar head; the
+    critic's LM head gets no gradient, so neither gradient nor optimizer state."""
+    p = parameters(a)
+    if role == "policy":
+        return 16 * p
+    if role == "critic":
+        return 16 * (p + a.hidden - head_params(a)) + 4 * head_params(a)
+    return 4 * (p + a.hidden * (role == "reward_model"))
+
+
+def components(stage: Stage, a: Arch, world: int, checkpointing: bool) -> dict[str, float]:
+    """Bytes per GPU at the peak of a training step, by kind (see the module docstring)."""
+    roles = stage.trained + stage.frozen
+    return {
+        "trained_states": sum(sharded_state_bytes(r, a) for r in stage.trained) / world,
+        "frozen_weights": sum(sharded_state_bytes(r, a) for r in stage.frozen) / world,
+        "gathered_roots": sum(2 * (root_params(a) + a.hidden * (r in ("critic", "reward_model"))) for r in roles),
+        "layer_buffers": 10 * layer_params(a),
+        "activations": len(stage.trained) * stage.tokens * activation_bytes(a, checkpointing),
+        "logits": stage.logits_bytes_per_entry * stage.tokens * a.vocab,
+        "vllm_engine": stage.vllm_bytes,
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def compose(model: str, loss: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        return hydra_compose(config_name="config", overrides=[f"model={model}", f"loss={loss}", *overrides])
+
+
+def arch_of(model: str, cfg) -> Arch:
+    if model in ARCHS:
+        return Arch.from_config(ARCHS[model])
+    if cfg.model.get("init") is not None:
+        return Arch.from_config(dict(cfg.model.init))
+    raise ValueError(f"model={model}: no architecture in ARCHS and no init in config/model/{model}.yaml")
+
+
+def estimate(model: str, stage_name: str, world: int, gpu_gib: float, overrides: list[str]) -> dict:
+    cfg = compose(model, stage_name, overrides)
+    a = arch_of(model, cfg)
+    stage = stage_from_config(stage_name, cfg, world, gpu_gib * GIB, a)
+    out = {"model": model, "stage": stage.name, "parameters": parameters(a), "tokens_per_micro_batch": stage.tokens,
+           "default_activation_checkpointing": bool(cfg.activation_checkpointing), "arch": asdict(a)}
+    for ac in (False, True):
+        parts = components(stage, a, world, ac)
+        out["activation_checkpointing" if ac else "no_checkpointing"] = {
+            "total_gib": sum(parts.values()) / GIB, **{k: v / GIB for k, v in parts.items()}}
+    return out
+
+
+def print_table(rows: list[dict], world: int, gpu_gib: float):
+    print(f"Computed memory per GPU, {world} GPUs x {gpu_gib:g} GiB (GiB; activation checkpointing off / on)")
+    print("| model | stage | params | tokens/micro-batch | states | frozen | roots+buffers | activations off/on | "
+          "logits | vLLM | total off | total on |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        off, on = r["no_checkpointing"], r["activation_checkpointing"]
+        def mark(total):  # bold: more than the GPU holds
+            return f"**{total:.1f}**" if total > gpu_gib else f"{total:.1f}"
+
+        print(f"| {r['model']} | {r['stage']} | {r['parameters'] / 1e9:.2f}B | {r['tokens_per_micro_batch']} | "
+              f"{off['trained_states']:.1f} | {off['frozen_weights']:.1f} | "
+              f"{off['gathered_roots'] + off['layer_buffers']:.1f} | {off['activations']:.1f} / {on['activations']:.1f} | "
+              f"{off['logits']:.1f} | {off['vllm_engine']:.1f} | {mark(off['total_gib'])} | {mark(on['total_gib'])} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-gib", type=float, default=80)
+    parser.add_argument("--models", default="llama3_8b,qwen2_5_7b,mistral7b")
+    parser.add_argument("--stages", default="sft,dpo,ppo")
+    parser.add_argument("--out", default="memory_estimate.json")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides for every stage (after --)")
+    args = parser.parse_args()
+    rows = [estimate(m, s, args.gpus, args.gpu_gib, args.overrides)
+            for m in args.models.split(",") for s in args.stages.split(",")]
+    print_table(rows, args.gpus, args.gpu_gib)
+    report = {"gpus": args.gpus, "gpu_gib": args.gpu_gib, "overrides": args.overrides, "computed_not_measured": True,
+              "rows": rows}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
