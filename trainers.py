@@ -940,6 +940,8 @@ class RLTrainer(RolloutTrainer):
                              f"mini-batches of batch_size={cfg.batch_size}")
         if loss.advantage in ("grpo", "rloo") and n < 2:
             raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
+        if not loss.sampling.temperature > 0:
+            raise ValueError("loss.sampling.temperature must be > 0: the policy is softmax(logits / temperature)")
         if loss.advantage == "gae" and loss.critic_init == "reward" and not cfg.reward.models:
             raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
 
@@ -1006,14 +1008,25 @@ class RLTrainer(RolloutTrainer):
         record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
         return record
 
+    def policy_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the sampling temperature, raw logits): the policy being optimised is the
+        distribution the samples were drawn from, softmax(logits / T), as in verl and OpenRLHF."""
+        raw = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        temperature = self.cfg.loss.sampling.temperature
+        return (raw if temperature == 1 else raw.float() / temperature), raw
+
     @torch.no_grad()
     def rollout_logps(self, samples: list[dict]):
-        """Collective: per response token, pi_old's and the reference's log-probs and the critic's values."""
+        """Collective: per response token, pi_old's and the reference's log-probs (at the sampling
+        temperature), pi_old's raw log-probs (what the sampler reports) and the critic's values."""
         for chunk in self.chunks(samples):
             batch, n = self.collate(chunk), len(chunk)
-            fields = {"old_logps": unpack(token_logps(self.model, batch)[0], batch, n)}
+            tempered, raw = self.policy_logits(self.model, batch)
+            fields = {"old_logps": unpack(target_logps(tempered, batch["targets"])[0], batch, n),
+                      "old_raw_logps": unpack(target_logps(raw, batch["targets"])[0], batch, n)}
             if self.reference is not None:
-                fields["ref_logps"] = unpack(token_logps(self.reference, batch)[0], batch, n)
+                ref = target_logps(self.policy_logits(self.reference, batch)[0], batch["targets"])[0]
+                fields["ref_logps"] = unpack(ref, batch, n)
             if self.critic is not None:
                 fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
             for name, values in fields.items():
@@ -1033,8 +1046,10 @@ class RLTrainer(RolloutTrainer):
 
         for s in samples:
             s["ones"] = [1.0] * len(s["response_ids"])
-        mask, old = padded("ones"), padded("old_logps")
-        sampler = torch.where(torch.isnan(padded("sampler_logps")), old, padded("sampler_logps"))
+        mask, old, old_raw = padded("ones"), padded("old_logps"), padded("old_raw_logps")
+        # the sampler reports raw (temperature 1) log-probs: its mismatch with the trainer is
+        # measured on those, and the IS weight uses it for the tempered policy's ratio
+        sampler = torch.where(torch.isnan(padded("sampler_logps")), old_raw, padded("sampler_logps"))
         scores = torch.tensor([s["score"] for s in samples])
         kl = torch.zeros_like(old)
         if self.reference is not None:
@@ -1059,14 +1074,14 @@ class RLTrainer(RolloutTrainer):
                 adv, returns = gae(token_r, padded("old_values"), mask, loss.gamma, loss.lam)
         if loss.whiten_advantages and loss.advantage in ("gae", "rloo"):
             adv = masked_whiten(adv, mask)
-        is_weight = truncated_is_weight(old, sampler, loss.tis_cap, mask) if loss.tis_cap else torch.ones_like(old)
+        is_weight = truncated_is_weight(old_raw, sampler, loss.tis_cap, mask) if loss.tis_cap else torch.ones_like(old)
         for i, s in enumerate(samples):
             r = len(s.pop("ones"))
             s["advantages"], s["returns"], s["is_weight"] = adv[i, :r].tolist(), returns[i, :r].tolist(), is_weight[i, :r].tolist()
             s.setdefault("ref_logps", [0.0] * r)
             s.setdefault("old_values", [0.0] * r)
         record = {"rollout/kl": kl.sum(1).mean().item(), "rollout/advantage_mean": masked_mean(adv, mask).item(),
-                  "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
+                  "rollout/logp_mismatch": masked_mean((old_raw - sampler).abs(), mask).item(),
                   "rollout/is_weight_mean": masked_mean(is_weight, mask).item()}
         if self.critic is not None:
             record["critic/explained_variance"] = explained_variance(padded("old_values"), returns, mask).item()
@@ -1076,8 +1091,8 @@ class RLTrainer(RolloutTrainer):
 
     def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
         loss = self.cfg.loss
-        out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        logps, mask = target_logps(out.logits, batch["targets"])
+        logits = self.policy_logits(self.model, batch)[0]
+        logps, mask = target_logps(logits, batch["targets"])
         per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
                                            loss.clip_high, is_weight=batch["is_weight"])
         tokens = mask.sum()
@@ -1089,7 +1104,7 @@ class RLTrainer(RolloutTrainer):
             total = total + self.kl_ctl.value * kl.sum()
             metrics["policy/kl"] = (kl.sum().detach(), tokens)
         with torch.set_grad_enabled(torch.is_grad_enabled() and loss.entropy_coef > 0):
-            entropy = (entropy_from_logits(out.logits.float()) * mask).sum()
+            entropy = (entropy_from_logits(logits.float()) * mask).sum()
         total = total - loss.entropy_coef * entropy
         metrics["policy/entropy"] = (entropy.detach(), tokens)
         if self.critic is not None:

@@ -35,10 +35,10 @@ $TORCHRUN train.py loss=dpo loss.beta=0.1 loss.rpo_alpha=1.0 model=tiny model.ar
 accuracy "$ROOT/dpo/LATEST" after-dpo
 
 echo "== GRPO on toy_add_prompts, rewarded by the toy verifier, from the SFT model"
-# A low lr: a fresh AdamW's first steps move every weight by ~lr, which at 1e-4 and above
-# knocks this 0.85M-parameter model off its SFT optimum before the reward signal can help.
+# A long warmup and a low lr: a fresh AdamW's first steps move every weight by ~lr, which at
+# 1e-4 without warmup knocks this 0.85M-parameter model off its SFT optimum.
 $TORCHRUN train.py loss=grpo model=tiny model.archive="$ROOT/sft/LATEST" datasets=[toy_add_prompts] \
     reward.functions=[toy_add] exp_name=demo_grpo loss.rollout_batch_size=64 loss.n_samples_per_prompt=8 \
-    loss.sampling.max_new_tokens=8 loss.kl_coef=0.01 batch_size=256 lr=3e-5 warmup_steps=2 n_examples=1920 \
-    eval_every=640 n_eval_examples=200 run_dir="$ROOT/grpo"
+    loss.sampling.max_new_tokens=8 loss.kl_coef=0.01 batch_size=128 lr=1e-4 warmup_steps=30 n_examples=2560 \
+    eval_every=1280 n_eval_examples=200 run_dir="$ROOT/grpo"
 accuracy "$ROOT/grpo/LATEST" after-grpo

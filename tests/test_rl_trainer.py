@@ -142,6 +142,7 @@ def rollout():
         out.append({"response_ids": [5] * n, "score": score, "scores": {"f": score}, "text": "x", "finish_reason": "stop",
                     "old_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
                     "ref_logps": [-1.1 - 0.05 * t for t in range(n)],
+                    "old_raw_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
                     "sampler_logps": [-1.0 - 0.1 * i - 0.2 * t + 0.3 for t in range(n)],
                     "old_values": [0.2 * t - 0.1 * i for t in range(n)]})
     return out
@@ -249,3 +250,25 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, si
                 expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
             assert s["scores"][str(d)] == pytest.approx(expected, abs=1e-4), (name, s["text"])
     assert samples[0]["score"] == pytest.approx(sum(samples[0]["scores"].values()))
+
+
+def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, single_process):
+    """pi_old and the reference are the distribution sampled from, softmax(logits / T); the raw
+    log-probs (what the sampler reports, for the IS weight) are kept beside them. Checked against
+    a plain unpacked forward of each sample."""
+    cfg = make_cfg(*rl_overrides(tmp_path / "t", "grpo", "loss.sampling.temperature=2.0"))
+    trainer = FixedRollout(cfg, distributed.device())
+    samples = trainer.generate(trainer.train_examples[:3], SamplingParams(n=2))
+    trainer.rollout_logps(samples)
+    model = models.load_model(cfg.model, torch.device("cpu"), seed=cfg.seed).eval()
+    for s in samples:
+        ids = s["prompt_ids"] + s["response_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:])[len(s["prompt_ids"]) - 1 :]
+        at = slice(len(s["prompt_ids"]) - 1, None)
+        raw = torch.log_softmax(logits[at], -1).gather(1, targets[:, None])[:, 0]
+        tempered = torch.log_softmax(logits[at] / 2.0, -1).gather(1, targets[:, None])[:, 0]
+        assert s["old_raw_logps"] == pytest.approx(raw.tolist(), abs=1e-5)
+        assert s["old_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)
+        assert s["ref_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)
