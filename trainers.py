@@ -382,8 +382,10 @@ class Trainer:
         flag = torch.tensor([float(self._stop_signal)], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self._stop_signal = int(flag.item())
-        return bool(self._stop_signal)
+        agreed = int(flag.item())
+        # a signal caught during the all-reduce is not in ``agreed``: keep it for the next step
+        self._stop_signal = self._stop_signal or agreed
+        return bool(agreed)
 
     def requeue(self):
         """After the stop checkpoint: on slurm's time-limit warning, put the job back in the queue
