@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from conftest import run_ranks, torchrun
 from test_trainer import assert_same_run, metrics, train_run
@@ -76,3 +77,35 @@ def test_sigterm_checkpoints_stops_and_resumes_to_the_same_metrics(tmp_path, ref
     assert job.returncode == 0, out
     assert f"resumed from {run_dir / f'step-{stopped_at}'}" in out
     assert_same_run(metrics(run_dir), reference)
+
+
+def stop_flags(rank, world):
+    """Rank 0 catches SIGTERM while inside the all-reduce of ``stop_requested`` (the wrapper sends
+    it right after the reduction, as a signal landing during the blocking call is handled once the
+    call returns). The signal must not be lost: the next call stops both ranks."""
+    import distributed
+    from trainers import Trainer
+
+    trainer = object.__new__(Trainer)
+    trainer.device, trainer.world = distributed.device(), world
+    trainer.catch_stop_signals()
+    real = torch.distributed.all_reduce
+    state = {"sent": False}
+
+    def all_reduce(tensor, **kwargs):
+        out = real(tensor, **kwargs)
+        if rank == 0 and not state["sent"]:
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    torch.distributed.all_reduce = all_reduce
+    try:
+        return [trainer.stop_requested() for _ in range(3)]
+    finally:
+        torch.distributed.all_reduce = real
+
+
+def test_a_signal_caught_during_the_stop_all_reduce_is_not_lost(tmp_path):
+    flags = run_ranks(stop_flags, 2, tmp_path)
+    assert flags == [[False, True, True], [False, True, True]]
