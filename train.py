@@ -53,9 +53,12 @@ def main(cfg):
         distributed.setup_logging(os.path.join(cfg.run_dir, "train.log"))
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
-    except Exception as exc:
-        group_intact = not distributed.lost_peer(exc)
-        if not group_intact:
+    except BaseException as exc:
+        # This rank failed, alone or because a peer died: the others may be waiting in a collective
+        # it will never join, so it leaves without the collective clean-up (sampler close, barrier)
+        # and its exit ends the job (torchrun stops the other ranks) instead of hanging it.
+        group_intact = False
+        if isinstance(exc, Exception) and distributed.lost_peer(exc):
             report_lost_peer(cfg, trainer, exc)
         raise
     finally:

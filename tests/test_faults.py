@@ -80,3 +80,34 @@ def test_a_killed_rank_ends_the_job_names_itself_and_the_run_resumes(tmp_path):
     kept = sum(r["step"] <= step_at_kill for r in before)  # what was logged after the checkpoint is redone
     assert after[:kept] == before[:kept] and after[kept]["step"] == step_at_kill + 1
     assert checkpointing.complete(run_dir)[-1].name == f"step-{STEPS}"
+
+
+FAIL_ON_RANK_1 = '''
+import os
+
+
+def flaky(prompt, completion, **row):
+    if os.environ["RANK"] == "1":
+        raise SystemExit("rank 1 gives up")  # not an Exception: reward functions' errors are caught
+    return 1.0
+'''
+
+
+def test_a_rank_that_fails_alone_ends_the_job_instead_of_hanging_it(tmp_path):
+    """Rank 1 fails in the middle of an RL iteration while rank 0 goes on into a forward pass
+    (an FSDP all-gather): rank 1 must leave without its collective clean-up, which rank 0 would
+    never join (before, it waited in a barrier and rank 0 in the all-gather until the timeout)."""
+    reward = tmp_path / "flaky.py"
+    reward.write_text(FAIL_ON_RANK_1)
+    job = torchrun(f"run_dir={tmp_path / 'run'}", "loss=grpo", "sampler=hf", "datasets=[toy_add_prompts]",
+                   f"reward.functions=[{reward}:flaky]", "loss.rollout_batch_size=4", "loss.n_samples_per_prompt=2",
+                   "batch_size=4", "n_examples=8", "n_eval_examples=4", "eval_at_start=false", "max_length=48",
+                   "max_prompt_length=24", "loss.sampling.max_new_tokens=4", "dist_timeout_minutes=5")
+    try:
+        out, _ = job.communicate(timeout=EXIT_WITHIN_S + 30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert "rank 1 gives up" in out, out[-3000:]
+    assert 1 in failures(out), out[-3000:]
