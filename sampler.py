@@ -460,7 +460,8 @@ class VLLMSampler(Sampler):
     def __init__(self, model_dir: str, seed: int = 0, tensor_parallel_size: int = 1, dtype: str = "auto",
                  enforce_eager: bool = True, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 256,
-                 enable_prefix_caching: bool = True, sync_bucket_mb: float = 512, sleep_mode: bool = False,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 sync_bucket_mb: float = 512, sleep_mode: bool = False,
                  sleep_level: int = 1, load_format: str = "dummy"):
         if not dist.is_initialized():
             raise RuntimeError("VLLMSampler joins the training process group: call distributed.init() first")
@@ -475,18 +476,23 @@ class VLLMSampler(Sampler):
             os.environ.setdefault("RANK", str(self.rank))
             os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
             from vllm import LLM
+            from vllm.platforms import current_platform
 
+            if max_num_batched_tokens is None and current_platform.is_cpu() and max_model_len:
+                # No chunked prefill on CPU: vLLM 0.32 rewinds a seeded request's generator after a
+                # partial prefill (set_offset), which CPU generators do not support ("CPU Generator
+                # does not use offset"), so every step's budget must hold every prompt whole.
+                max_num_batched_tokens = max_model_len * max_num_seqs
             self.llm = LLM(
                 model=str(model_dir), distributed_executor_backend="external_launcher",
                 tensor_parallel_size=tensor_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
                 kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len, max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                enable_prefix_caching=enable_prefix_caching,
                 seed=seed + self.rank, load_format=load_format, enable_sleep_mode=self.sleep_mode,
                 generation_config="vllm",  # a checkpoint's sampling defaults must not override ours
             )
             self.rng = PrivateRNG(None)  # the stream vLLM seeded with seed + rank: its sampling runs on it
-        from vllm.platforms import current_platform
-
         self.on_cpu = current_platform.is_cpu()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self.sync_stats: dict = {}

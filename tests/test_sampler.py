@@ -292,6 +292,17 @@ def test_vllm_logprobs_are_the_trainers(engine):
         assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
 
 
+def test_vllm_seeded_sampling_of_many_long_prompts(engine):
+    """More prompt tokens than vLLM's default step budget (4096): with chunked prefill, vLLM 0.32
+    rewinds a seeded request's generator, which CPU generators cannot do ("CPU Generator does not
+    use offset"); the sampler gives the engine a budget that holds every prompt whole."""
+    long = [(p * 12)[:100] for p in prompts(engine.tok, 48, start=400)]  # 48 x 4 x 100 prefill tokens
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=4, seed=7)
+    first, again = engine.vllm.generate(long, params), engine.vllm.generate(long, params)
+    assert [len(s) for s in first] == [4] * len(long)
+    assert ids(first) == ids(again)  # seeded: reproducible
+
+
 def test_vllm_choice_logprobs_are_a_plain_forwards(engine):
     """A judge's next-token log-probs (scripts/label_preferences.py): vLLM's raw log-probs of the
     candidates equal the HF forward's, for prompts of different lengths."""
