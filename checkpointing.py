@@ -82,6 +82,15 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
     return final
 
 
+def write_jsonl(path: str | Path, rows: list[dict]):
+    """One JSON object per line, atomically: a reader finds the whole file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def complete(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     found = []

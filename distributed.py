@@ -82,9 +82,18 @@ def is_main() -> bool:
 
 def all_sum(values: list[float], dev: torch.device) -> list[float]:
     """Sum a list of numbers over ranks, in float64 so counts stay exact."""
+    return _all_reduce(values, dev, dist.ReduceOp.SUM)
+
+
+def all_max(values: list[float], dev: torch.device) -> list[float]:
+    """The largest of each number over ranks."""
+    return _all_reduce(values, dev, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], dev: torch.device, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     if world() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 

@@ -192,7 +192,7 @@ class HFSampler(Sampler):
         batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         n_calls = len(batches)
         if self.lockstep():
-            n_calls = self._max_over_ranks(n_calls)
+            n_calls = int(distributed.all_max([n_calls], distributed.device())[0])
         model = self.model
         was_training, use_cache, gen_config = model.training, model.config.use_cache, model.generation_config
         model.eval()
@@ -213,7 +213,7 @@ class HFSampler(Sampler):
         """One forward pass per ``batch_size`` prompts (left-padded); under FSDP every rank runs as
         many passes as the rank with the most batches (padding passes for the others)."""
         batches = [prompts[i : i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
-        n_calls = self._max_over_ranks(len(batches)) if self.lockstep() else len(batches)
+        n_calls = int(distributed.all_max([len(batches)], distributed.device())[0]) if self.lockstep() else len(batches)
         index = torch.tensor(choices, dtype=torch.long)
         was_training = self.model.training
         self.model.eval()
@@ -242,11 +242,6 @@ class HFSampler(Sampler):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False, **last_only).logits[:, -1]
         return torch.log_softmax(logits.float(), -1)
-
-    def _max_over_ranks(self, value: int) -> int:
-        t = torch.tensor([value], device=distributed.device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
 
     def _generate(self, batch: list[list[int]] | None, params: SamplingParams) -> list[Sample]:
         """One ``generate`` call; ``batch=None`` is a padding call for lockstep (returns [])."""

@@ -40,7 +40,7 @@ from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, 
 from losses.rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                        grpo_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
                        reinforce_pp_advantages, rloo_advantages, token_rewards, truncated_is_weight, value_loss)
-from sampler import SamplingParams, reshard
+from sampler import SamplingParams, build_sampler, reshard
 
 log = logging.getLogger("train")
 
@@ -120,8 +120,6 @@ class Trainer:
         self.wandb = None
         self.sampler = None
         if cfg.sample_during_eval or self.needs_sampler:
-            from sampler import build_sampler
-
             self.sampler = build_sampler(cfg, self.model, self.tokenizer, self.run_dir)
 
     # --- what subclasses change -------------------------------------------------------------
@@ -379,10 +377,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank if any rank caught a stop signal."""
-        flag = torch.tensor([float(self._stop_signal)], device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(flag.item())
+        agreed = int(distributed.all_max([self._stop_signal], self.device)[0])
         # a signal caught during the all-reduce is not in ``agreed``: keep it for the next step
         self._stop_signal = self._stop_signal or agreed
         return bool(agreed)
@@ -409,9 +404,7 @@ class Trainer:
         """Rank 0: ``run_dir/samples/step-<N>.jsonl`` and a wandb table of what the model generated."""
         if not distributed.is_main():
             return
-        out = self.run_dir / "samples" / f"step-{self.step}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        checkpointing.write_jsonl(self.run_dir / "samples" / f"step-{self.step}.jsonl", rows)
         if self.wandb is not None:
             import wandb
 
@@ -423,8 +416,6 @@ class Trainer:
         """Collective: completions for the first ``n_eval_model_samples`` eval prompts from the current
         weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a verifier
         for every dataset (the toy tasks), also their task accuracy."""
-        from sampler import SamplingParams, reshard
-
         sync_seconds = self.sampler.sync_weights(self.model)
         examples = self.eval_examples[: self.cfg.n_eval_model_samples]
         mine = list(range(self.rank, len(examples), self.world))
@@ -488,10 +479,7 @@ class Trainer:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        t = torch.tensor([peak], device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.item()
+        return distributed.all_max([peak], self.device)[0]
 
     def last_checkpoint(self) -> str:
         found = checkpointing.complete(self.run_dir)
@@ -561,15 +549,14 @@ class PreferenceTrainer(PairTrainer):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        objective = cfg.loss.get("objective", cfg.loss.name)
-        self.needs_reference = objective not in self.REFERENCE_FREE and not cfg.loss.get("reference_free", False)
+        self.objective = cfg.loss.get("objective", cfg.loss.name)  # online_dpo names the loss it trains with
+        self.needs_reference = self.objective not in self.REFERENCE_FREE and not cfg.loss.get("reference_free", False)
         self.reference = None
         if self.needs_reference and not cfg.loss.get("precompute_ref_logps", False):
             self.reference = self.build_model(cfg.model).requires_grad_(False).eval()
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
-        loss = self.cfg.loss
-        objective = loss.get("objective", loss.name)  # online_dpo names the loss it trains with
+        loss, objective = self.cfg.loss, self.objective
         if objective in ("dpo", "cdpo"):
             return dpo_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.get("label_smoothing", 0.0))
         if objective == "ipo":
@@ -728,6 +715,12 @@ class RolloutTrainer(Trainer):
     def prompt_ids(self, example: dict) -> list[int]:
         return example["prompt_ids"]
 
+    @staticmethod
+    def sequence(sample: dict) -> dict:
+        """A sample as a training sequence: its prompt's tokens, then its response's."""
+        p = sample["prompt_ids"]
+        return {"input_ids": p + sample["response_ids"], "labels": [IGNORE] * len(p) + sample["response_ids"]}
+
     def load_scorer(self, model_cfg):
         return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
 
@@ -839,6 +832,19 @@ class RolloutTrainer(Trainer):
                         f"reward.invalid_score={self.cfg.reward.invalid_score}; first: {errors[0]}")
         return out
 
+    def train_on(self, data: list[dict], epochs: int) -> dict:
+        """``epochs`` passes over ``data`` (the same list on every rank) in mini-batches of
+        ``batch_size``, shuffled with a seed of the step and epoch, one update each (a partial
+        mini-batch is dropped); the mean of the updates' metrics."""
+        updates, size = [], self.cfg.batch_size
+        for epoch in range(epochs):
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
+            order = torch.randperm(len(data), generator=g).tolist()
+            for k in range(len(data) // size):
+                mini = order[k * size : (k + 1) * size]
+                updates.append(self.update(self.micro_batches(mini, data, self.cfg.gradient_accumulation_steps)))
+        return {k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})}
+
     def rollout_metrics(self, samples: list[dict]) -> dict:
         scores = torch.tensor([s["score"] for s in samples])
         n = len(samples)
@@ -856,10 +862,7 @@ class RolloutTrainer(Trainer):
         """Rank 0, with ``loss.save_rollouts``: ``run_dir/rollouts/step-<N>.jsonl``, one line per sample."""
         if not (self.cfg.loss.save_rollouts and distributed.is_main()):
             return
-        out = self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
-        out.write_text("".join(json.dumps({k: s[k] for k in keep if k in s}) + "\n" for s in samples))
+        checkpointing.write_jsonl(self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl", sample_rows(samples))
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -952,10 +955,9 @@ class RLTrainer(RolloutTrainer):
         return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
 
     def sequences(self, sample: dict) -> list[dict]:
-        p, r = len(sample["prompt_ids"]), sample["response_ids"]
-        seq = {"input_ids": sample["prompt_ids"] + r, "labels": [IGNORE] * p + r}
+        seq, p, r = self.sequence(sample), len(sample["prompt_ids"]), len(sample["response_ids"])
         for name in self.token_fields:  # aligned with the labels: zero on the prompt
-            seq[name] = [0.0] * p + sample.get(name, [0.0] * len(r))
+            seq[name] = [0.0] * p + sample.get(name, [0.0] * r)
         return [seq]
 
     def units(self, sample: dict) -> int:
@@ -995,16 +997,9 @@ class RLTrainer(RolloutTrainer):
         samples = self.gather(samples)
         record = {**self.rollout_metrics(samples), **self.advantages(samples)}
         self.write_rollout(samples)
-        updates = []
-        for epoch in range(loss.ppo_epochs):
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
-            order = torch.randperm(len(samples), generator=g).tolist()
-            for k in range(len(samples) // self.cfg.batch_size):
-                mini = order[k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
-                updates.append(self.update(self.micro_batches(mini, samples, self.cfg.gradient_accumulation_steps)))
+        record.update(self.train_on(samples, loss.ppo_epochs))
         timing["train"] = time.perf_counter() - t
         self.kl_ctl.update(record["rollout/kl"], len(samples))
-        record.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
         record.update({f"timing/{k}": v for k, v in timing.items()})
         elapsed = time.perf_counter() - start
         record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
@@ -1042,16 +1037,17 @@ class RLTrainer(RolloutTrainer):
         them per response token in the samples, returns the rollout's metrics."""
         loss = self.cfg.loss
 
-        def padded(name: str, fill: float = 0.0) -> torch.Tensor:
-            width = max(len(s["response_ids"]) for s in samples)
-            return torch.tensor([s[name] + [fill] * (width - len(s[name])) for s in samples], dtype=torch.float32)
+        lengths = [len(s["response_ids"]) for s in samples]
+        width = max(lengths)
 
-        for s in samples:
-            s["ones"] = [1.0] * len(s["response_ids"])
-        mask, old, old_raw = padded("ones"), padded("old_logps"), padded("old_raw_logps")
+        def padded(name: str) -> torch.Tensor:
+            return torch.tensor([s[name] + [0.0] * (width - len(s[name])) for s in samples], dtype=torch.float32)
+
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
+        old, old_raw, sampler = padded("old_logps"), padded("old_raw_logps"), padded("sampler_logps")
         # the sampler reports raw (temperature 1) log-probs: its mismatch with the trainer is
         # measured on those, and the IS weight uses it for the tempered policy's ratio
-        sampler = torch.where(torch.isnan(padded("sampler_logps")), old_raw, padded("sampler_logps"))
+        sampler = torch.where(torch.isnan(sampler), old_raw, sampler)
         scores = torch.tensor([s["score"] for s in samples])
         kl = torch.zeros_like(old)
         if self.reference is not None:
@@ -1077,8 +1073,7 @@ class RLTrainer(RolloutTrainer):
         if loss.whiten_advantages and loss.advantage in ("gae", "rloo"):
             adv = masked_whiten(adv, mask)
         is_weight = truncated_is_weight(old_raw, sampler, loss.tis_cap, mask) if loss.tis_cap else torch.ones_like(old)
-        for i, s in enumerate(samples):
-            r = len(s.pop("ones"))
+        for i, (s, r) in enumerate(zip(samples, lengths)):
             s["advantages"], s["returns"], s["is_weight"] = adv[i, :r].tolist(), returns[i, :r].tolist(), is_weight[i, :r].tolist()
             s.setdefault("ref_logps", [0.0] * r)
             s.setdefault("old_values", [0.0] * r)
@@ -1148,12 +1143,6 @@ class OnlineTrainer(RolloutTrainer):
         """Collective: the examples this iteration trains on, from the whole scored rollout."""
         raise NotImplementedError
 
-    @staticmethod
-    def sequence(sample: dict) -> dict:
-        """A sample as a training sequence: its prompt's tokens, then its response's."""
-        p = sample["prompt_ids"]
-        return {"input_ids": p + sample["response_ids"], "labels": [IGNORE] * len(p) + sample["response_ids"]}
-
     def train_step(self) -> dict:
         loss, start = self.cfg.loss, time.perf_counter()
         out = self.run_dir / "iterations" / str(self.step + 1)
@@ -1168,23 +1157,17 @@ class OnlineTrainer(RolloutTrainer):
             data = self.make_data(samples)
             record = {**self.rollout_metrics(samples), **{f"timing/{k}": v for k, v in timing.items()}}
             if distributed.is_main():
-                keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
-                write_jsonl(out / "samples.jsonl", [{k: s[k] for k in keep if k in s} for s in samples])
-                write_jsonl(out / "rollout.json", [record])
-                write_jsonl(out / "train.jsonl", data)  # last: its presence means the sampling phase is done
+                checkpointing.write_jsonl(out / "samples.jsonl", sample_rows(samples))
+                checkpointing.write_jsonl(out / "rollout.json", [record])
+                checkpointing.write_jsonl(out / "train.jsonl", data)  # last: its presence means sampling is done
             distributed.barrier()
         t = time.perf_counter()
-        updates, size = [], self.cfg.batch_size
-        for epoch in range(loss.epochs_per_iteration):
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
-            order = torch.randperm(len(data), generator=g).tolist()
-            for k in range(len(data) // size):
-                updates.append(self.update(self.micro_batches(order[k * size : (k + 1) * size], data,
-                                                              self.cfg.gradient_accumulation_steps)))
-        if not updates:
-            log.warning(f"iteration {self.step + 1}: {len(data)} training examples, fewer than batch_size={size}: no update")
-        record.update({k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})})
-        record.update({"iteration/examples": len(data), "iteration/updates": len(updates),
+        n_updates = loss.epochs_per_iteration * (len(data) // self.cfg.batch_size)
+        if not n_updates:
+            log.warning(f"iteration {self.step + 1}: {len(data)} training examples, fewer than "
+                        f"batch_size={self.cfg.batch_size}: no update")
+        record.update(self.train_on(data, loss.epochs_per_iteration))
+        record.update({"iteration/examples": len(data), "iteration/updates": n_updates,
                        "timing/train": time.perf_counter() - t, "timing/iteration": time.perf_counter() - start})
         if loss.save_iteration_models:
             self.export(out / "model")
@@ -1231,12 +1214,10 @@ class RAFTTrainer(OnlineTrainer, SFTTrainer):
                  "score": samples[i]["score"]} for i in keep]
 
 
-def write_jsonl(path: Path, rows: list[dict]):
-    """Atomically: a reader finds the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+def sample_rows(samples: list[dict]) -> list[dict]:
+    """What a user reads of scored samples (rollouts/, iterations/<N>/samples.jsonl)."""
+    keep = ("prompt", "text", "score", "scores", "finish_reason", "error")
+    return [{k: s[k] for k in keep if k in s} for s in samples]
 
 
 TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PreferenceTrainer, RewardTrainer, RLTrainer, OnlineDPOTrainer,

@@ -6,6 +6,8 @@ Ties are broken towards the earlier sample, so a selection is the same on every 
 
 from __future__ import annotations
 
+import math
+
 
 def groups(scores: list[float], group_size: int) -> list[range]:
     if group_size < 1 or len(scores) % group_size:
@@ -34,8 +36,8 @@ def best_of_k(scores: list[float], group_size: int, top_fraction: float = 1.0,
     if not 0 < top_fraction <= 1:
         raise ValueError(f"top_reward_percentage={top_fraction} must be in (0, 1]")
     best = [max(group, key=lambda i: (scores[i], -i)) for group in groups(scores, group_size)]
-    n_keep = max(1, -(-len(best) * top_fraction // 1)) if best else 0
-    kept = sorted(best, key=lambda i: (-scores[i], i))[: int(n_keep)]
+    n_keep = max(1, math.ceil(len(best) * top_fraction)) if best else 0
+    kept = sorted(best, key=lambda i: (-scores[i], i))[:n_keep]
     if min_score is not None:
         kept = [i for i in kept if scores[i] >= min_score]
     return sorted(kept)

@@ -18,8 +18,6 @@ trainer does. ``--set key=value`` overrides a key of config/sampler/<name>.yaml.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
+import checkpointing  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
 from data import load_rows  # noqa: E402
@@ -116,12 +115,7 @@ def write(out: str, parts: list[list[dict]], n_prompts: int, k: int):
     short = [i for i, r in by_index.items() if len(r["completions"]) != k]
     if missing or short:
         raise RuntimeError(f"prompts missing: {missing[:10]}, with other than {k} completions: {short[:10]}")
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w") as f:
-        for i in range(n_prompts):
-            f.write(json.dumps(by_index[i]) + "\n")
-    os.replace(tmp, out)
+    checkpointing.write_jsonl(out, [by_index[i] for i in range(n_prompts)])
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
+import checkpointing  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
 from data import DataError, where  # noqa: E402
@@ -213,13 +214,6 @@ def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, devi
     return build_sampler(OmegaConf.create({"sampler": section}), model, tokenizer, work_dir)
 
 
-def max_over_ranks(value: int) -> int:
-    t = torch.tensor([value], device=distributed.device())
-    if distributed.world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -236,7 +230,8 @@ def main(argv=None):
         tokenizer = models.load_tokenizer(judge_cfg)
         prompts, too_long = my_prompts(tokenizer, rows, rank, world, args)
         name = args.sampler if args.sampler != "auto" else ("vllm" if vllm_available() else "hf")
-        longest = max_over_ranks(max((len(p) for ids in prompts.values() for p in ids), default=1))
+        longest = int(distributed.all_max([max((len(p) for ids in prompts.values() for p in ids), default=1)],
+                                          device)[0])
         sampler = make_sampler(name, judge_cfg, tokenizer, args, longest + 1, device, work_dir)
         logps = sampler.choice_logprobs([p for ids in prompts.values() for p in ids], choice_ids(tokenizer))
         judged = [label(rows[i], i, logps[2 * k], logps[2 * k + 1], args) for k, i in enumerate(prompts)]
@@ -284,12 +279,7 @@ def write(out: str, parts: list, n_rows: int) -> dict:
     if [j["index"] for j in judged] != sorted(set(range(n_rows)) - {i for _, t in parts for i in t}):
         raise RuntimeError("a row was judged twice or not at all")
     pairs = [j["pair"] for j in judged if "pair" in j]
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair) + "\n")
-    os.replace(tmp, out)
+    checkpointing.write_jsonl(out, pairs)
     count = {v: sum(j["verdict"] == v for j in judged) for v in ("tie", "unsure")}
     masses = [m for j in judged for m in j["mass"]]
     return {"rows": n_rows, "pairs": len(pairs), "ties": count["tie"], "below_min_confidence": count["unsure"],
