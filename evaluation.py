@@ -6,6 +6,8 @@ random-init model config, which is what the demo prints before and after each st
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from data.tokenize import prompt_ids
@@ -28,6 +30,25 @@ def generate_greedy(model, tokenizer, prompts: list[list[dict]], max_new_tokens:
     return out
 
 
-def task_accuracy(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int = 16) -> float:
+def task_scores(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int = 16) -> list[float]:
+    """The verifier's score of the model's greedy completion of each row's prompt."""
     completions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
-    return sum(reward_fn(r["prompt"], c) for r, c in zip(rows, completions)) / len(rows)
+    return [reward_fn(r["prompt"], c) for r, c in zip(rows, completions)]
+
+
+def task_accuracy(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int = 16) -> float:
+    scores = task_scores(model, tokenizer, rows, reward_fn, max_new_tokens)
+    return sum(scores) / len(scores)
+
+
+def paired_comparison(before: list[float], after: list[float]) -> dict:
+    """Two models' 0/1 scores on the same prompts: ``fixed`` counts the prompts only ``after`` gets
+    right, ``broken`` those only ``before`` does, and McNemar's z = (fixed - broken) /
+    sqrt(fixed + broken). It looks only at the prompts the models disagree on, so it resolves a
+    gain that the two accuracies' separate standard errors would hide."""
+    if len(before) != len(after):
+        raise ValueError(f"paired scores need the same prompts: {len(before)} vs {len(after)}")
+    fixed = sum(a > b for b, a in zip(before, after))
+    broken = sum(a < b for b, a in zip(before, after))
+    z = (fixed - broken) / math.sqrt(fixed + broken) if fixed + broken else 0.0
+    return {"fixed": fixed, "broken": broken, "mcnemar_z": round(z, 2)}

@@ -898,10 +898,11 @@ class RLTrainer(RolloutTrainer):
 
     1. each rank samples ``n_samples_per_prompt`` completions for its share of the prompts and
        scores them (``RolloutTrainer``);
-    3. recomputes, on packed batches, the policy's log-probs (pi_old), the reference's and the
-       critic's values;
-    4. gathers the rollout on every rank and computes KL, rewards and advantages (losses/rl.py),
-       the same on all ranks;
+    2. the rollout is gathered on every rank; with ``loss.filter_groups`` (grpo, rloo) only the
+       prompts whose samples score differently stay;
+    3. the ranks recompute, each a share, on packed batches, the policy's log-probs (pi_old), the
+       reference's and the critic's values;
+    4. every rank computes KL, rewards and advantages (losses/rl.py) of the whole rollout;
     5. runs ``ppo_epochs`` passes over it in shuffled mini-batches of ``batch_size`` samples, one
        optimizer update each: PPO's clipped surrogate times the truncated importance weight
        exp(pi_old - pi_sampler) (capped at ``tis_cap``), which corrects for the sampler and the
@@ -943,6 +944,9 @@ class RLTrainer(RolloutTrainer):
         if samples % cfg.batch_size:
             raise ValueError(f"rollout_batch_size x n_samples_per_prompt = {samples} samples must split into "
                              f"mini-batches of batch_size={cfg.batch_size}")
+        if loss.filter_groups and loss.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"loss.filter_groups drops prompts whose samples all score the same, which only grpo "
+                             f"and rloo give zero advantage (loss.advantage={loss.advantage})")
         if loss.advantage in ("grpo", "rloo") and n < 2:
             raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
         if not loss.sampling.temperature > 0:
@@ -991,18 +995,23 @@ class RLTrainer(RolloutTrainer):
     def train_step(self) -> dict:
         loss, start = self.cfg.loss, time.perf_counter()
         samples, timing = self.rollout()
+        samples = self.gather(samples)
+        record, n_sampled = self.rollout_metrics(samples), len(samples)
+        if loss.filter_groups:
+            samples = self.varied_groups(samples)
+            record["rollout/kept_fraction"] = len(samples) / n_sampled
         t = time.perf_counter()
         self.rollout_logps(samples)
         timing["logprobs"], t = time.perf_counter() - t, time.perf_counter()
-        samples = self.gather(samples)
-        record = {**self.rollout_metrics(samples), **self.advantages(samples)}
-        self.write_rollout(samples)
-        record.update(self.train_on(samples, loss.ppo_epochs))
+        if samples:  # (filter_groups can leave none: then the iteration trains on nothing)
+            record.update(self.advantages(samples))
+            self.write_rollout(samples)
+            record.update(self.train_on(samples, loss.ppo_epochs))
+            self.kl_ctl.update(record["rollout/kl"], len(samples))
         timing["train"] = time.perf_counter() - t
-        self.kl_ctl.update(record["rollout/kl"], len(samples))
         record.update({f"timing/{k}": v for k, v in timing.items()})
         elapsed = time.perf_counter() - start
-        record.update({"timing/iteration": elapsed, "samples_per_s": len(samples) / elapsed, "kl_coef": self.kl_ctl.value})
+        record.update({"timing/iteration": elapsed, "samples_per_s": n_sampled / elapsed, "kl_coef": self.kl_ctl.value})
         return record
 
     def policy_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1012,25 +1021,48 @@ class RLTrainer(RolloutTrainer):
         temperature = self.cfg.loss.sampling.temperature
         return (raw if temperature == 1 else raw.float() / temperature), raw
 
+    def varied_groups(self, samples: list[dict]) -> list[dict]:
+        """The samples of the prompts whose samples do not all score the same: under grpo and rloo
+        the others have zero advantage (DAPO's dynamic-sampling filter, without its re-sampling)."""
+        n = self.cfg.loss.n_samples_per_prompt
+        groups = [samples[i : i + n] for i in range(0, len(samples), n)]
+        return [s for group in groups if len({s["score"] for s in group}) > 1 for s in group]
+
     @torch.no_grad()
     def rollout_logps(self, samples: list[dict]):
-        """Collective: per response token, pi_old's and the reference's log-probs (at the sampling
-        temperature), pi_old's raw log-probs (what the sampler reports) and the critic's values."""
-        for chunk in self.chunks(samples):
-            batch, n = self.collate(chunk), len(chunk)
-            tempered, raw = self.policy_logits(self.model, batch)
-            fields = {"old_logps": unpack(target_logps(tempered, batch["targets"])[0], batch, n),
-                      "old_raw_logps": unpack(target_logps(raw, batch["targets"])[0], batch, n)}
-            if self.reference is not None:
-                ref = target_logps(self.policy_logits(self.reference, batch)[0], batch["targets"])[0]
-                fields["ref_logps"] = unpack(ref, batch, n)
-            if self.critic is not None:
-                fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
-            for name, values in fields.items():
-                for s, v in zip(chunk, values):
-                    s[name] = v.tolist()
+        """Collective, on the gathered rollout (the same list on every rank): per response token,
+        pi_old's and the reference's log-probs (at the sampling temperature), pi_old's raw
+        log-probs (what the sampler reports) and the critic's values. Each rank computes a
+        contiguous share, in as many forwards as every other rank (FSDP), then the shares are
+        gathered."""
+        bounds = [len(samples) * r // self.world for r in range(self.world + 1)]
+        mine = samples[bounds[self.rank] : bounds[self.rank + 1]]
+        per_rank = math.ceil(len(samples) / self.world)
+        n_chunks = math.ceil(per_rank / max(1, self.cfg.eval_batch_size // self.world))
+        computed = []
+        for k in range(n_chunks):
+            chunk = mine[k * len(mine) // n_chunks : (k + 1) * len(mine) // n_chunks]
+            fields = self.logps_of(chunk or samples[:1])  # a rank with nothing left still joins each forward
+            computed += [{name: values[i].tolist() for name, values in fields.items()} for i in range(len(chunk))]
         if self.reference is not None:
             reshard(self.reference)  # a frozen model's root stays gathered after a forward without backward
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, computed)
+        for s, fields in zip(samples, [f for part in parts for f in part]):
+            s.update(fields)
+
+    def logps_of(self, chunk: list[dict]) -> dict[str, list[torch.Tensor]]:
+        """One packed forward of each model over ``chunk``: {field: one tensor per sample}."""
+        batch, n = self.collate(chunk), len(chunk)
+        tempered, raw = self.policy_logits(self.model, batch)
+        fields = {"old_logps": unpack(target_logps(tempered, batch["targets"])[0], batch, n),
+                  "old_raw_logps": unpack(target_logps(raw, batch["targets"])[0], batch, n)}
+        if self.reference is not None:
+            ref = target_logps(self.policy_logits(self.reference, batch)[0], batch["targets"])[0]
+            fields["ref_logps"] = unpack(ref, batch, n)
+        if self.critic is not None:
+            fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
+        return fields
 
     def advantages(self, samples: list[dict]) -> dict:
         """KL, rewards, advantages and returns of the whole rollout (the same on every rank); stores

@@ -2,6 +2,7 @@
 
     python scripts/eval_task.py --model /tmp/sft/LATEST --task toy_add [--n 200]
     python scripts/eval_task.py --model tiny --task toy_add     # the untrained random init
+    python scripts/eval_task.py --model /tmp/grpo/LATEST --against /tmp/sft/LATEST --task toy_sort --n 500
 """
 
 import argparse
@@ -17,25 +18,34 @@ from omegaconf import OmegaConf  # noqa: E402
 import models  # noqa: E402
 from data import load_rows  # noqa: E402
 from data.toy import REWARDS  # noqa: E402
-from evaluation import task_accuracy  # noqa: E402
+from evaluation import paired_comparison, task_scores  # noqa: E402
+
+
+def scores(name: str, rows: list[dict], task: str, seed: int) -> list[float]:
+    config_file = models.REPO / "config" / "model" / f"{name}.yaml"
+    model_cfg = OmegaConf.load(config_file) if config_file.exists() else OmegaConf.create({"name_or_path": name})
+    model = models.load_model(model_cfg, torch.device("cpu"), seed=seed)
+    return task_scores(model, models.load_tokenizer(model_cfg), rows, REWARDS[task])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="an HF directory, or a name in config/model (random init)")
+    parser.add_argument("--against", default=None, help="a second model: also print prompts fixed and broken, McNemar's z")
     parser.add_argument("--task", default="toy_add")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (as train.py's seed)")
     parser.add_argument("--label", default=None, help="name printed with the result")
     args = parser.parse_args()
-    config_file = models.REPO / "config" / "model" / f"{args.model}.yaml"
-    model_cfg = OmegaConf.load(config_file) if config_file.exists() else OmegaConf.create({"name_or_path": args.model})
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = models.load_model(model_cfg, torch.device("cpu"), seed=args.seed)
-    tokenizer = models.load_tokenizer(model_cfg)
     rows = load_rows(f"{args.task}_prompts", "test", "prompt")[: args.n]
-    acc = task_accuracy(model, tokenizer, rows, REWARDS[args.task])
-    print(json.dumps({"model": args.label or args.model, "task": args.task, "n": len(rows), "accuracy": acc}))
+    after = scores(args.model, rows, args.task, args.seed)
+    result = {"model": args.label or args.model, "task": args.task, "n": len(rows), "accuracy": sum(after) / len(rows)}
+    if args.against:
+        before = scores(args.against, rows, args.task, args.seed)
+        result.update({"against": args.against, "against_accuracy": sum(before) / len(rows),
+                       **paired_comparison(before, after)})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

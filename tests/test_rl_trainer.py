@@ -15,6 +15,7 @@ import distributed
 import models
 from conftest import make_cfg, run_ranks
 from data.tokenize import prompt_ids, response_ids
+from data.toy import add_answer
 from test_trainer import assert_same_run, metrics
 from sampler import Sample, SamplingParams
 from trainers import RLTrainer
@@ -114,6 +115,63 @@ def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
     for a, b in zip(got, ref):
         for k in b:
             torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+class EvenAnswersAllRight(RLTrainer):
+    """Prompts with an even answer get only right answers (their samples all score 1); the others
+    alternate the right answer and a wrong one."""
+
+    def generate(self, examples, params):
+        outs = []
+        for ex in examples:
+            answer = ex["row"]["answer"]
+            texts = [answer if int(answer) % 2 == 0 or k % 2 == 0 else str(int(answer) + 1) for k in range(params.n)]
+            outs.append([Sample(response_ids(self.tokenizer, t), t, [-0.5] * len(response_ids(self.tokenizer, t)), "stop")
+                         for t in texts])
+        return self.samples_of(examples, outs)
+
+
+def filter_run(rank, world, overrides):
+    trainer = EvenAnswersAllRight(make_cfg(*overrides), distributed.device())
+    trainer.train()
+    answers = [[trainer.train_examples[i]["row"]["answer"] for i in trainer.global_batch(step)] for step in range(2)]
+    weights = checkpointing.full_state_dict(trainer.model)  # collective
+    return (weights, answers) if rank == 0 else None
+
+
+def test_filter_groups_trains_only_on_prompts_whose_samples_differ(tmp_path):
+    """loss.filter_groups=true drops the prompts whose samples all score the same before the
+    log-probs and the update. With 3 samples per prompt the kept samples split unevenly over 2
+    ranks (and a rank can hold none), which must still give the 1-rank run."""
+    extra = ["loss.filter_groups=true", "loss.n_samples_per_prompt=3", "batch_size=2", "loss.save_rollouts=true"]
+    runs = {}
+    for world in (1, 2):
+        run_dir = tmp_path / f"w{world}"
+        weights, batches = run_ranks(filter_run, world, tmp_path, rl_overrides(run_dir, "grpo", *extra))[0]
+        runs[world] = (metrics(run_dir), weights)
+        train = [r for r in runs[world][0] if "rollout/score_mean" in r]
+        assert len(train) == len(batches) == 2
+        for step, (record, answers) in enumerate(zip(train, batches), start=1):
+            odd = [a for a in answers if int(a) % 2]
+            written = [json.loads(line) for line in (run_dir / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+            assert sorted(add_answer(r["prompt"][-1]["content"]) for r in written) == sorted(odd * 3)
+            assert record["rollout/kept_fraction"] == len(odd) / len(answers)
+            # the rollout's metrics are of every sample, dropped or not
+            assert record["rollout/score_mean"] == pytest.approx(
+                sum(1 if int(a) % 2 == 0 else 2 / 3 for a in answers) / len(answers))
+            assert ("policy/loss/train" in record) == (len(odd) > 0)
+    assert any(0 < r.get("rollout/kept_fraction", 0) < 1 for r in runs[1][0])
+    (m1, w1), (m2, w2) = runs[1], runs[2]
+    ignore = ("timing/", "samples_per_s")
+    assert_same_run(*[[{k: v for k, v in r.items() if not k.startswith(ignore)} for r in m] for m in (m2, m1)], rtol=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_filter_groups_needs_a_per_prompt_baseline(tmp_path, single_process):
+    cfg = make_cfg(*rl_overrides(tmp_path, "ppo", "loss.filter_groups=true"))
+    with pytest.raises(ValueError, match="filter_groups .* only grpo and rloo"):
+        RLTrainer(cfg, distributed.device())
 
 
 # --- advantages, written out --------------------------------------------------------------------
