@@ -792,10 +792,13 @@ class RolloutTrainer(Trainer):
             s["score"] = (sum(self.reward_weights[k] * v for k, v in s["scores"].items()) if valid
                           else self.cfg.reward.invalid_score)
 
-    def chunks(self, samples: list[dict]) -> list[list[dict]]:
-        """Forward-pass chunks; every rank holds as many samples, so runs as many (FSDP) forwards."""
+    def chunks(self, samples: list[dict], per_rank: int | None = None) -> list[list[dict]]:
+        """Forward-pass chunks of this rank's ``samples``, as many on every rank (FSDP): enough for
+        ``per_rank``, the largest rank's count (default: every rank holds as many as this one),
+        so a rank holding fewer gets empty chunks at the end."""
         size = max(1, self.cfg.eval_batch_size // self.world)
-        return [samples[i : i + size] for i in range(0, len(samples), size)]
+        n_chunks = math.ceil((len(samples) if per_rank is None else per_rank) / size)
+        return [samples[k * size : (k + 1) * size] for k in range(n_chunks)]
 
     @torch.no_grad()
     def reward_model_scores(self, model, tokenizer, same: bool, samples: list[dict]) -> list[float]:
@@ -1037,12 +1040,9 @@ class RLTrainer(RolloutTrainer):
         gathered."""
         bounds = [len(samples) * r // self.world for r in range(self.world + 1)]
         mine = samples[bounds[self.rank] : bounds[self.rank + 1]]
-        per_rank = math.ceil(len(samples) / self.world)
-        n_chunks = math.ceil(per_rank / max(1, self.cfg.eval_batch_size // self.world))
         computed = []
-        for k in range(n_chunks):
-            chunk = mine[k * len(mine) // n_chunks : (k + 1) * len(mine) // n_chunks]
-            fields = self.logps_of(chunk or samples[:1])  # a rank with nothing left still joins each forward
+        for chunk in self.chunks(mine, per_rank=math.ceil(len(samples) / self.world)):
+            fields = self.logps_of(chunk or samples[:1])  # an empty chunk still joins the forward
             computed += [{name: values[i].tolist() for name, values in fields.items()} for i in range(len(chunk))]
         if self.reference is not None:
             reshard(self.reference)  # a frozen model's root stays gathered after a forward without backward

@@ -126,8 +126,8 @@ class EvenAnswersAllRight(RLTrainer):
         for ex in examples:
             answer = ex["row"]["answer"]
             texts = [answer if int(answer) % 2 == 0 or k % 2 == 0 else str(int(answer) + 1) for k in range(params.n)]
-            outs.append([Sample(response_ids(self.tokenizer, t), t, [-0.5] * len(response_ids(self.tokenizer, t)), "stop")
-                         for t in texts])
+            ids = [response_ids(self.tokenizer, t) for t in texts]
+            outs.append([Sample(i, t, [-0.5] * len(i), "stop") for i, t in zip(ids, texts)])
         return self.samples_of(examples, outs)
 
 
@@ -142,8 +142,10 @@ def filter_run(rank, world, overrides):
 def test_filter_groups_trains_only_on_prompts_whose_samples_differ(tmp_path):
     """loss.filter_groups=true drops the prompts whose samples all score the same before the
     log-probs and the update. With 3 samples per prompt the kept samples split unevenly over 2
-    ranks (and a rank can hold none), which must still give the 1-rank run."""
-    extra = ["loss.filter_groups=true", "loss.n_samples_per_prompt=3", "batch_size=2", "loss.save_rollouts=true"]
+    ranks, and with one sample per forward the rank holding fewer runs a forward on nothing of
+    its own; that must still give the 1-rank run."""
+    extra = ["loss.filter_groups=true", "loss.n_samples_per_prompt=3", "batch_size=2", "loss.save_rollouts=true",
+             "eval_batch_size=2"]
     runs = {}
     for world in (1, 2):
         run_dir = tmp_path / f"w{world}"
