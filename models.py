@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -30,10 +31,54 @@ def weights_path(model_cfg) -> str | None:
     return resolve(model_cfg.get("archive") or model_cfg.get("name_or_path"))
 
 
-def attn_implementation(device: torch.device) -> str:
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+class ConfigError(ValueError):
+    """A model configuration that cannot be computed as asked."""
+
+
+# sdpa has no logit soft-capping: on a model that soft-caps attention logits (Gemma-2) it would
+# silently compute another function; these implementations apply the cap
+SOFTCAP_ATTENTION = ("eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attn_implementation(requested: str, device: torch.device, config) -> str:
+    """The attention implementation to build the model with, for ``model.attn_implementation``.
+
+    ``auto``: flash-attention 2 on CUDA where it is installed, else sdpa, except that a model whose
+    attention logits are soft-capped (``attn_logit_softcapping``) gets eager, the one CPU
+    implementation that applies the cap. An explicit choice that would drop the cap is refused.
+    """
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash else ("eager" if softcap else "sdpa")
+    if softcap and requested not in SOFTCAP_ATTENTION:
+        raise ConfigError(f"model.attn_implementation={requested} ignores {config.model_type}'s attention logit "
+                          f"soft-capping (attn_logit_softcapping={softcap}): use auto or one of {', '.join(SOFTCAP_ATTENTION)}")
+    if requested.startswith("flash_attention") and not flash:
+        raise ConfigError(f"model.attn_implementation={requested} needs CUDA and the flash_attn package: use auto, sdpa or eager")
+    return requested
+
+
+def model_config(model_cfg):
+    """The transformers config of the weights ``model_cfg`` names, or of its ``init`` architecture."""
+    path = weights_path(model_cfg)
+    if path is not None:
+        key = "model.archive" if model_cfg.get("archive") else "model.name_or_path"
+        if Path(path).is_file():
+            raise ConfigError(f"{key}={path} is a file: expected a Hugging Face model directory (config.json and "
+                              f"weights, e.g. <run_dir>/LATEST); a DPO-repo policy.pt is not one")
+        if Path(path).is_absolute() or path.startswith(".") or Path(path).exists():
+            if not (Path(path) / "config.json").exists():
+                raise ConfigError(f"{key}={path}: no such model directory (it needs a config.json)")
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:  # a hub id that cannot be fetched (offline, gated, mistyped)
+            raise ConfigError(f"{key}={path}: cannot load its config: {str(e).splitlines()[0]}") from e
+    if model_cfg.get("init") is None:
+        raise ValueError("model config has neither name_or_path/archive nor init: nothing to load or build")
+    # to plain containers: strict transformers configs refuse omegaconf lists and dicts (layer_types, rope_scaling)
+    init = OmegaConf.to_container(model_cfg.init, resolve=True) if OmegaConf.is_config(model_cfg.init) else dict(model_cfg.init)
+    return AutoConfig.for_model(init.pop("model_type"), **init)
 
 
 def load_tokenizer(model_cfg):
@@ -49,21 +94,20 @@ def load_tokenizer(model_cfg):
 def load_model(model_cfg, device: torch.device, seed: int = 0, head: str = "causal_lm"):
     """Full-precision (fp32 master) weights on CPU; FSDP moves each rank's shard to ``device``.
 
-    Every rank builds the same model: pretrained weights are read by each rank, random init is
-    seeded identically.
+    Every rank builds the same model: pretrained weights are read by each rank; random init, and
+    any weight a checkpoint lacks, is drawn from ``seed`` (the process's global RNG is restored
+    afterwards, so loading neither depends on nor changes it).
     """
-    attn = attn_implementation(device)
     path = weights_path(model_cfg)
-    if path is None and model_cfg.get("init") is None:
-        raise ValueError("model config has neither name_or_path/archive nor init: nothing to load or build")
+    config = model_config(model_cfg)
+    attn = attn_implementation(model_cfg.get("attn_implementation") or "auto", device, config)
     dtype = DTYPES[model_cfg.get("load_dtype", "float32")]
-    if path is not None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    else:
-        init = dict(model_cfg.init)
-        config = AutoConfig.for_model(init.pop("model_type"), **init)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        if path is not None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False  # packing needs it off; generation turns it back on
     return model
 
@@ -99,6 +143,36 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
     return model
 
 
+# The largest per-token difference a correct packed forward shows against the same sequence alone:
+# fp32 rounding is ~1e-6; half precision's is ~1e-2. Leaking attention moves log-probs by 0.04-0.2
+# (OPT, Falcon, BioGPT in transformers 5.19).
+PACKING_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+@torch.no_grad()
+def packing_error(model, device: torch.device) -> float:
+    """How much packing changes the model's output: two probe sequences A, B packed in one row
+    (``position_ids`` restarting at B, as ``data.packing.pack`` lays them out) against B alone at
+    the start of a row. Returns the largest difference over B's tokens of the log-probs (a causal
+    LM) or the scores (a ``RewardModel``). One forward of a [2, 11] batch; under FSDP every rank
+    runs it (it is collective)."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(vocab, (6,), generator=g), torch.randint(vocab, (5,), generator=g)
+    input_ids = torch.stack([torch.cat([a, b]), torch.cat([b, a])]).to(device)
+    position_ids = torch.stack([torch.cat([torch.arange(6), torch.arange(5)]), torch.arange(11)]).to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the two rows must differ only by what packing does
+    try:
+        if isinstance(model, RewardModel):
+            out = model(input_ids, position_ids)[0].float()
+        else:
+            out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float().log_softmax(-1)
+    finally:
+        model.train(was_training)
+    return (out[0, 6:] - out[1, :5]).abs().max().item()
+
+
 class RewardModel(torch.nn.Module):
     """A causal LM with a scalar head: ``score(h_t)`` read at the last token of each sequence.
 
@@ -108,14 +182,17 @@ class RewardModel(torch.nn.Module):
     ``AutoModelForSequenceClassification``.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, seed: int = 0):
         super().__init__()
         self.lm = lm
         self.config = lm.config
         self._no_split_modules = lm._no_split_modules
         hidden = lm.config.hidden_size
         self.score = torch.nn.Linear(hidden, 1, bias=False, dtype=lm.dtype)
-        torch.nn.init.normal_(self.score.weight, std=1 / (hidden + 1))
+        # from the run's seed: the process's global RNG differs run to run (torch seeds it randomly)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) / (hidden + 1))
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.lm.gradient_checkpointing_enable(**kwargs)
@@ -148,7 +225,7 @@ def load_reward_model(model_cfg, device: torch.device, seed: int = 0) -> RewardM
     resumed from a reward-model export (which has a ``score`` head already)."""
     path = weights_path(model_cfg)
     lm = load_model(model_cfg, device, seed=seed)
-    rm = RewardModel(lm)
+    rm = RewardModel(lm, seed=seed)
     if path is not None and (AutoConfig.from_pretrained(path).architectures or [""])[0].endswith("ForSequenceClassification"):
         from transformers import AutoModelForSequenceClassification
 

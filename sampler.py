@@ -16,8 +16,10 @@ Both samplers share one contract (``Sampler``):
   rank the same number of times, with any number of prompts (zero too).
 - ``sync_weights(model)``: collective. Makes the sampler generate from ``model``'s current
   weights; returns the seconds it took (log it as ``timing/weight_sync``).
-- A ``Sample``'s ``logprobs`` are log p(token) under the model's raw distribution (temperature 1,
-  no top-k/top-p): ``log_softmax(logits)``, what a trainer recomputes with ``token_logps``.
+- A ``Sample``'s ``logprobs`` are log q(token) under the distribution it was sampled from:
+  ``log_softmax(logits / temperature)``, with top-k/top-p's truncation applied and renormalised
+  where they are set (vLLM's ``processed_logprobs``; the same transformers warpers for HF); the
+  raw ``log_softmax(logits)`` when greedy. What an RL trainer recomputes for its tempered policy.
 - Randomness: every rank samples from its own stream (seeded ``seed + rank``), kept apart from
   the trainer's global RNG, which sampling neither reads nor advances. ``params.seed`` makes a
   call reproducible (same seed, rank and prompts -> same samples).
@@ -68,7 +70,7 @@ class SamplingParams:
 class Sample:
     token_ids: list[int]        # the completion only, up to and including the EOS if generated
     text: str                   # decoded, special tokens skipped, cut before a stop string
-    logprobs: list[float]       # per token of token_ids: log_softmax of the raw logits
+    logprobs: list[float]       # per token of token_ids: its log-prob under the sampling distribution
     finish_reason: str          # "stop" (EOS or stop string) | "length"
 
 
@@ -129,12 +131,14 @@ class PrivateRNG:
 
 class _Track:
     """HF generate hooks: the logits of the step (from a forward hook on the model), then, as a
-    stopping criterion called once the step's token is chosen, that token's raw log-prob; and
-    which rows are done (a stop string appeared, or a padding row that never needed to run).
-    Holding one step's logits keeps memory at batch x vocab, not x steps as output_logits would."""
+    stopping criterion called once the step's token is chosen, that token's log-prob under the
+    sampling distribution (``warpers``, the temperature/top-k/top-p processors generate applies;
+    none when greedy); and which rows are done (a stop string appeared, or a padding row that
+    never needed to run). Holding one step's logits keeps memory at batch x vocab, not x steps as
+    output_logits would."""
 
-    def __init__(self, tokenizer, stop: list[str] | None, width: int, dummy: torch.Tensor):
-        self.tokenizer, self.stop, self.width, self.dummy = tokenizer, stop, width, dummy
+    def __init__(self, tokenizer, stop: list[str] | None, width: int, dummy: torch.Tensor, warpers=None):
+        self.tokenizer, self.stop, self.width, self.dummy, self.warpers = tokenizer, stop, width, dummy, warpers
         self.logits, self.logps = None, []
         self.stop_at = [None] * len(dummy)  # number of new tokens when a stop string first appeared
 
@@ -143,7 +147,10 @@ class _Track:
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         chosen = input_ids[:, -1:].to(self.logits.device)
-        self.logps.append(torch.log_softmax(self.logits.float(), -1).gather(1, chosen)[:, 0].cpu())
+        logits = self.logits.float()
+        if self.warpers is not None:
+            logits = self.warpers(input_ids[:, :-1].to(logits.device), logits)
+        self.logps.append(torch.log_softmax(logits, -1).gather(1, chosen)[:, 0].cpu())
         done = self.dummy.clone()
         if self.stop:
             steps = input_ids.shape[1] - self.width
@@ -245,7 +252,8 @@ class HFSampler(Sampler):
 
     def _generate(self, batch: list[list[int]] | None, params: SamplingParams) -> list[Sample]:
         """One ``generate`` call; ``batch=None`` is a padding call for lockstep (returns [])."""
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
 
         tok, model = self.tokenizer, self.model
         dev = next(model.parameters()).device
@@ -256,10 +264,15 @@ class HFSampler(Sampler):
         # left padding, so every prompt ends where generation starts
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=dev)
         attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=dev)
-        track = _Track(tok, params.stop, width, torch.full((len(batch),), dummy))
         # our settings only: a checkpoint's generation_config (repetition penalty, its own
         # temperature...) would otherwise fill in whatever we leave unset
         greedy = params.temperature == 0
+        warpers = None
+        if not greedy:  # generate's own order: temperature, then top-k, then top-p
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)]
+                                          + ([TopKLogitsWarper(params.top_k)] if params.top_k > 0 else [])
+                                          + ([TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []))
+        track = _Track(tok, params.stop, width, torch.full((len(batch),), dummy), warpers)
         sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         model.generation_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
                                                    eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)
@@ -457,7 +470,7 @@ class VLLMSampler(Sampler):
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  sync_bucket_mb: float = 512, sleep_mode: bool = False,
-                 sleep_level: int = 1, load_format: str = "dummy"):
+                 sleep_level: int = 1, load_format: str = "dummy", debug: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("VLLMSampler joins the training process group: call distributed.init() first")
         _vllm_env()
@@ -485,9 +498,14 @@ class VLLMSampler(Sampler):
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 enable_prefix_caching=enable_prefix_caching,
                 seed=seed + self.rank, load_format=load_format, enable_sleep_mode=self.sleep_mode,
+                # log-probs of the distribution sampled from (temperature, top-k/top-p), as the
+                # trainer's tempered policy; greedy requests still get the raw log_softmax
+                logprobs_mode="processed_logprobs",
                 generation_config="vllm",  # a checkpoint's sampling defaults must not override ours
             )
             self.rng = PrivateRNG(None)  # the stream vLLM seeded with seed + rank: its sampling runs on it
+        if not debug:  # vLLM's INFO lines (one per reset_prefix_cache, i.e. per weight sync) drown the log
+            logging.getLogger("vllm").setLevel(logging.WARNING)
         self.on_cpu = current_platform.is_cpu()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self.sync_stats: dict = {}
@@ -573,10 +591,10 @@ class VLLMSampler(Sampler):
         return result
 
     def choice_logprobs(self, prompts: list[list[int]], choices: list[int]) -> list[list[float]]:
-        """One greedy token per prompt with ``logprob_token_ids=choices``. vLLM 0.32 gathers those
-        from the raw ``log_softmax`` of the logits (``logprobs_mode="raw_logprobs"``, the default,
-        computed before any logits processor; vllm/v1/sample/sampler.py), so the log-probs are
-        not renormalised over the choices (vLLM's per-position dict also holds the greedy token)."""
+        """One greedy token per prompt with ``logprob_token_ids=choices``. For a greedy request vLLM
+        0.32's ``processed_logprobs`` are the ``log_softmax`` of the logits untouched by
+        temperature or top-k/top-p (vllm/v1/sample/sampler.py), so the log-probs are not
+        renormalised over the choices (vLLM's per-position dict also holds the greedy token)."""
         from vllm import SamplingParams as VP
 
         if not prompts:
@@ -622,7 +640,7 @@ def build_sampler(cfg, model, tokenizer, run_dir) -> Sampler:
     if distributed.is_main():
         write_model_dir(model, tokenizer, model_dir)
     distributed.barrier()
-    sampler = VLLMSampler(str(model_dir), **config_kwargs(VLLMSampler, section))
+    sampler = VLLMSampler(str(model_dir), **config_kwargs(VLLMSampler, section), debug=bool(cfg.get("debug")))
     seconds = sampler.sync_weights(model)
     log.info(f"vLLM sampler built; first weight sync {seconds:.2f}s ({sampler.sync_stats['buckets']} buckets)")
     return sampler

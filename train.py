@@ -6,6 +6,7 @@ with a ``model/`` and a ``loss/`` file; the loss names the trainer class that ru
 
 import logging
 import os
+import sys
 import uuid
 
 import hydra
@@ -40,6 +41,28 @@ def report_lost_peer(cfg, trainer, exc: BaseException):
               f"run again with resume=true to continue from it. [{type(exc).__name__}: {said}]")
 
 
+def user_error(exc: BaseException, building: bool) -> bool:
+    """A mistake in the config, data, paths or model a user gave, not a bug: the data and model
+    errors the project raises anywhere, and any ValueError while the trainer is being built
+    (config checks, data loading, model building: nothing has been computed yet)."""
+    from data import DataError
+    from models import ConfigError
+
+    return isinstance(exc, (DataError, ConfigError)) or (building and isinstance(exc, (ValueError, FileNotFoundError)))
+
+
+def report_user_error(exc: BaseException):
+    """One line, once (rank 0), on stderr and in train.log: ``error: <what and where>: <fix>``."""
+    if not distributed.is_main():
+        return
+    line = f"error: {exc}".replace("\n", " ")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(line + "\n")
+            handler.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(cfg):
     device = distributed.init(cfg.dist_timeout_minutes)
     trainer, group_intact = None, True
@@ -60,6 +83,9 @@ def main(cfg):
         group_intact = False
         if isinstance(exc, Exception) and distributed.lost_peer(exc):
             report_lost_peer(cfg, trainer, exc)
+        elif user_error(exc, building=trainer is None) and not (cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+            report_user_error(exc)
+            raise SystemExit(2) from None  # no traceback: debug=true (or HYDRA_FULL_ERROR=1) shows it
         raise
     finally:
         if group_intact and trainer is not None and trainer.sampler is not None:
@@ -73,4 +99,15 @@ def hydra_main(cfg):
 
 
 if __name__ == "__main__":
+    import overrides
+
+    def rank0_print(line: str):
+        if os.environ.get("RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)
+
+    try:  # before Hydra and the heavy imports: a typo costs a second, not a start-up
+        sys.argv[1:] = overrides.check(sys.argv[1:], warn=rank0_print)
+    except overrides.OverrideError as exc:
+        rank0_print(f"error: {exc}")
+        sys.exit(2)
     hydra_main()

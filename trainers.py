@@ -30,16 +30,18 @@ from torch.distributed.device_mesh import init_device_mesh
 import checkpointing
 import distributed
 import models
+import overrides
 import rewards
 from data import DataError, load_rows
-from data.packing import pack, pad, unpack
+from data.packing import pack, pad, per_sequence, unpack
 from data.selection import best_of_k, best_vs_worst_pairs
 from data.tokenize import IGNORE, prompt_ids, response_ids, tokenize_pairs, tokenize_prompts, tokenize_sft
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
-from losses.rl import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
-                       grpo_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
-                       reinforce_pp_advantages, rloo_advantages, token_rewards, truncated_is_weight, value_loss)
+from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
+                       entropy_from_logits, explained_variance, gae, grpo_advantages, kl_penalty, masked_mean,
+                       masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages, sequence_ppo_loss,
+                       token_rewards, truncated_is_weight, value_loss)
 from sampler import SamplingParams, build_sampler, reshard
 
 log = logging.getLogger("train")
@@ -75,12 +77,6 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return target_logps(out.logits, batch["targets"])
 
 
-def per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum ``values`` ([R, L]) over each packed sequence's positions -> [n]."""
-    valid = seq_ids >= 0
-    return values.new_zeros(n).index_add(0, seq_ids[valid], values[valid])
-
-
 def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
     """Flat index (into ``seq_ids.flatten()``) of each sequence's last token -> [n]."""
     flat = seq_ids.flatten()
@@ -93,6 +89,7 @@ def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
 class Trainer:
     shape = "sft"  # the row shape this trainer reads (see data/__init__.py)
     token_fields: tuple[str, ...] = ()  # per-token float fields of a sequence that collate packs (RL)
+    starts_from_a_model = False  # a stage that refines a trained model (warned about when given none)
     needs_sampler = False  # generates during training (RL); otherwise only with sample_during_eval
 
     def __init__(self, cfg, device: torch.device):
@@ -100,16 +97,27 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world()
         self.run_dir = Path(cfg.run_dir)
         self.check_config()
+        self.packs = cfg.packing in (True, "auto")  # build_model turns it off for a model that cannot pack (auto)
+        if not cfg.resume and checkpointing.complete(self.run_dir):  # before anything is loaded or built
+            raise models.ConfigError(f"run_dir={self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
         self.tokenizer = models.load_tokenizer(cfg.model)
         # data before the model: bad input stops the run before any compute is spent
         self.train_examples = self.load_examples("train")
-        self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples]
+        self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples] if cfg.n_eval_examples else []
+        self.save_every = overrides.epochs_to_examples(cfg.save_every, len(self.train_examples))
         n = cfg.n_examples or cfg.n_epochs * len(self.train_examples)
         self.total_steps = n // self.examples_per_step()
         if self.total_steps < 1:
             raise DataError(f"{n} training examples make no step of {self.examples_per_step()}")
         log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
                  f"{self.total_steps} steps of {self.examples_per_step()}, {self.world} rank(s)")
+        updates = self.total_steps * self.updates_per_step()
+        if cfg.warmup_steps >= updates:
+            log.warning(f"warmup_steps={cfg.warmup_steps} is not shorter than the run's {updates} optimizer updates: "
+                        f"the learning rate never reaches lr={cfg.lr}")
+        if self.starts_from_a_model and models.weights_path(cfg.model) is None:
+            log.warning(f"loss={cfg.loss.name} normally starts from a trained model, but model.archive and "
+                        f"model.name_or_path are unset: the policy is random init ({cfg.model.name})")
 
         self.model = self.build_model(cfg.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -190,6 +198,10 @@ class Trainer:
                              f"= {self.world} x {cfg.gradient_accumulation_steps}")
         if cfg.max_prompt_length >= cfg.max_length:
             raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below max_length={cfg.max_length}")
+        if isinstance(cfg.datasets, str):
+            raise ValueError(f"datasets={cfg.datasets}: expected a list, e.g. datasets=[{cfg.datasets}]")
+        if cfg.packing not in (True, False, "auto"):
+            raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
 
@@ -201,15 +213,39 @@ class Trainer:
         """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks."""
         mesh = init_device_mesh(self.device.type, (self.world,))
         model = (load or self.load_model)(model_cfg)
-        return models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
-                            block_name=model_cfg.get("block_name"),
-                            activation_checkpointing=self.cfg.activation_checkpointing)
+        model = models.shard(model, mesh, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
+                             block_name=model_cfg.get("block_name"),
+                             activation_checkpointing=self.cfg.activation_checkpointing)
+        if self.packs and self.cfg.packing_check:
+            self.check_packing(model, model_cfg)
+        return model
+
+    def check_packing(self, model, model_cfg):
+        """Collective: refuse (``packing=true``) or stop packing (``packing=auto``) if ``model``'s
+        output for a sequence changes when another sequence precedes it in the row: an
+        architecture whose attention mask ignores ``position_ids`` (OPT, Falcon, BioGPT in
+        transformers 5.19) lets packed sequences attend to each other, silently."""
+        error = models.packing_error(model, self.device)
+        reshard(model)
+        tolerance = models.PACKING_TOLERANCE[model_cfg.fsdp_policy_mp]
+        if error <= tolerance:
+            return
+        config = model.config
+        what = (f"{type(model).__name__.removeprefix('FSDP')} (model_type {config.model_type}, attention "
+                f"{config._attn_implementation}) attends across packed sequences: a probe sequence's output changes "
+                f"by {error:.3g} (> {tolerance}) when another sequence precedes it in the row")
+        if self.cfg.packing == "auto":
+            log.warning(f"{what}; packing=auto: using padded batches instead")
+            self.packs = False
+            return
+        raise models.ConfigError(f"{what}: set packing=false (or packing=auto to fall back to padding), "
+                                 f"or a model.attn_implementation whose mask honours position_ids")
 
     def load_examples(self, split: str) -> list[dict]:
         examples = []
         for name in self.cfg.datasets:
-            rows = load_rows(name, split, self.shape, paths=OmegaConf.to_container(self.cfg.data.paths),
-                             keys=OmegaConf.to_container(self.cfg.data.columns))
+            columns = {k: v for k, v in OmegaConf.to_container(self.cfg.data.columns).items() if v is not None}
+            rows = load_rows(name, split, self.shape, paths=OmegaConf.to_container(self.cfg.data.paths), keys=columns)
             examples += self.tokenize(rows, f"{name} ({split})")
         return examples
 
@@ -244,7 +280,7 @@ class Trainer:
 
     def collate(self, examples: list[dict]) -> dict:
         seqs = [s for ex in examples for s in self.sequences(ex)]
-        if self.cfg.packing:
+        if self.packs:
             batch = pack(seqs, self.cfg.row_tokens, self.tokenizer.pad_token_id, self.token_fields)
         else:
             batch = pad(seqs, self.tokenizer.pad_token_id, self.token_fields)
@@ -277,8 +313,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self.resume()
-        elif checkpointing.complete(self.run_dir):
-            raise RuntimeError(f"{self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
         self.start_logging()
         self.catch_stop_signals()
         self.before_training()
@@ -300,12 +334,13 @@ class Trainer:
             self.log_metrics(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record.get('loss/train', float('nan')):.4f}")
+                # refresh=False: the bar redraws at its own interval (30 s into a log file), not every step
+                bar.set_postfix(loss=f"{record.get('loss/train', float('nan')):.4f}", refresh=False)
             last = self.step == self.total_steps
             if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
                 self.evaluate()
                 self.model.train()
-            saved = crossed(cfg.save_every, before, self.examples_seen) or last or self.save_now()
+            saved = crossed(self.save_every, before, self.examples_seen) or last or self.save_now()
             if saved:
                 self.save(export=True)
             if not last and self.stop_requested():
@@ -513,6 +548,7 @@ class PairTrainer(Trainer):
     micro-batch, chosen at sequence index 2i and rejected at 2i + 1; the loss is a mean over pairs."""
 
     shape = "pref"
+    starts_from_a_model = True
 
     def tokenize(self, rows: list[dict], source: str) -> list[dict]:
         examples, stats = tokenize_pairs(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
@@ -678,6 +714,7 @@ class RolloutTrainer(Trainer):
 
     shape = "prompt"
     needs_sampler = True
+    starts_from_a_model = True
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -815,7 +852,8 @@ class RolloutTrainer(Trainer):
                     ids = prompt_ids(tokenizer, s["prompt"]) + response_ids(tokenizer, s["text"])
                 ids = ids[-self.cfg.row_tokens :]  # a re-tokenized sample can be longer; keep its end
                 seqs.append({"input_ids": ids, "labels": ids})
-            batch = {k: v.to(self.device) for k, v in pack(seqs, self.cfg.row_tokens, tokenizer.pad_token_id).items()}
+            packed = pack(seqs, self.cfg.row_tokens, tokenizer.pad_token_id) if self.packs else pad(seqs, tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in packed.items()}
             values, _ = model(batch["input_ids"], batch["position_ids"])
             scores += values.float().flatten()[last_positions(batch["seq_ids"], len(chunk))].tolist()
         reshard(model)  # a frozen model's root stays gathered after a forward without backward
@@ -873,6 +911,8 @@ class RolloutTrainer(Trainer):
     def evaluate(self) -> dict:
         """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
         ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
+        if not self.eval_examples:
+            return {}
         self.sampler.sync_weights(self.model)
         share = len(self.eval_examples) // self.world
         mine = self.eval_examples[self.rank * share : (self.rank + 1) * share]
@@ -908,12 +948,14 @@ class RLTrainer(RolloutTrainer):
     4. every rank computes KL, rewards and advantages (losses/rl.py) of the whole rollout;
     5. runs ``ppo_epochs`` passes over it in shuffled mini-batches of ``batch_size`` samples, one
        optimizer update each: PPO's clipped surrogate times the truncated importance weight
-       exp(pi_old - pi_sampler) (capped at ``tis_cap``), which corrects for the sampler and the
-       trainer disagreeing on log-probs; plus the KL term (if not in the reward), the entropy
-       bonus and the critic's clipped value loss.
+       exp(pi_old - pi_sampler) (capped at ``tis_cap``; both log-probs of the tempered policy),
+       which corrects for the sampler and the trainer disagreeing on log-probs; plus the KL term
+       (if not in the reward), the entropy bonus and the critic's clipped value loss.
 
-    Losses are means over the response tokens of a mini-batch (token-level, as DAPO; GRPO's paper
-    averages per sequence first). Samples also carry, per response token, ``token_fields``.
+    ``loss.aggregation`` says how per-token losses become the mini-batch's loss (losses/rl.py
+    ``aggregation_weights``): token_mean (DAPO), sequence_mean (GRPO's paper) or constant (Dr.
+    GRPO). ``loss.sequence_level`` (RLOO's default) treats a completion as one action
+    (``sequence_ppo_loss``). Samples also carry, per response token, ``token_fields``.
     """
 
     token_fields = ("old_logps", "ref_logps", "old_values", "advantages", "returns", "is_weight")
@@ -952,6 +994,14 @@ class RLTrainer(RolloutTrainer):
                              f"and rloo give zero advantage (loss.advantage={loss.advantage})")
         if loss.advantage in ("grpo", "rloo") and n < 2:
             raise ValueError(f"loss.advantage={loss.advantage} compares the samples of a prompt: n_samples_per_prompt must be >= 2")
+        if loss.aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss.aggregation={loss.aggregation!r}: expected one of {AGGREGATIONS}")
+        if loss.sequence_level and loss.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"loss.sequence_level treats a completion as one action with one advantage, which "
+                             f"loss.advantage={loss.advantage} does not give (its advantages are per token)")
+        if loss.sequence_level and loss.aggregation != "sequence_mean":
+            raise ValueError(f"loss.sequence_level gives one loss per completion, averaged over completions: it needs "
+                             f"loss.aggregation=sequence_mean (got {loss.aggregation})")
         if not loss.sampling.temperature > 0:
             raise ValueError("loss.sampling.temperature must be > 0: the policy is softmax(logits / temperature)")
         if loss.advantage == "gae" and loss.critic_init == "reward" and not cfg.reward.models:
@@ -968,7 +1018,7 @@ class RLTrainer(RolloutTrainer):
         return [seq]
 
     def units(self, sample: dict) -> int:
-        return len(sample["response_ids"])
+        return aggregation_units(len(sample["response_ids"]), self.cfg.loss.aggregation)
 
     # --- models -------------------------------------------------------------------------------
 
@@ -1017,12 +1067,13 @@ class RLTrainer(RolloutTrainer):
         record.update({"timing/iteration": elapsed, "samples_per_s": n_sampled / elapsed, "kl_coef": self.kl_ctl.value})
         return record
 
-    def policy_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits at the sampling temperature, raw logits): the policy being optimised is the
-        distribution the samples were drawn from, softmax(logits / T), as in verl and OpenRLHF."""
+    def policy_logits(self, model, batch: dict) -> torch.Tensor:
+        """Logits at the sampling temperature: the policy being optimised is the distribution the
+        samples were drawn from, softmax(logits / T), as in verl and OpenRLHF; the sampler reports
+        its log-probs of that same distribution (sampler.py)."""
         raw = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         temperature = self.cfg.loss.sampling.temperature
-        return (raw if temperature == 1 else raw.float() / temperature), raw
+        return raw if temperature == 1 else raw.float() / temperature
 
     def varied_groups(self, samples: list[dict]) -> list[dict]:
         """The samples of the prompts whose samples do not all score the same: under grpo and rloo
@@ -1034,8 +1085,7 @@ class RLTrainer(RolloutTrainer):
     @torch.no_grad()
     def rollout_logps(self, samples: list[dict]):
         """Collective, on the gathered rollout (the same list on every rank): per response token,
-        pi_old's and the reference's log-probs (at the sampling temperature), pi_old's raw
-        log-probs (what the sampler reports) and the critic's values. Each rank computes a
+        pi_old's and the reference's log-probs (at the sampling temperature) and the critic's values. Each rank computes a
         contiguous share, in as many forwards as every other rank (FSDP), then the shares are
         gathered."""
         bounds = [len(samples) * r // self.world for r in range(self.world + 1)]
@@ -1054,11 +1104,9 @@ class RLTrainer(RolloutTrainer):
     def logps_of(self, chunk: list[dict]) -> dict[str, list[torch.Tensor]]:
         """One packed forward of each model over ``chunk``: {field: one tensor per sample}."""
         batch, n = self.collate(chunk), len(chunk)
-        tempered, raw = self.policy_logits(self.model, batch)
-        fields = {"old_logps": unpack(target_logps(tempered, batch["targets"])[0], batch, n),
-                  "old_raw_logps": unpack(target_logps(raw, batch["targets"])[0], batch, n)}
+        fields = {"old_logps": unpack(target_logps(self.policy_logits(self.model, batch), batch["targets"])[0], batch, n)}
         if self.reference is not None:
-            ref = target_logps(self.policy_logits(self.reference, batch)[0], batch["targets"])[0]
+            ref = target_logps(self.policy_logits(self.reference, batch), batch["targets"])[0]
             fields["ref_logps"] = unpack(ref, batch, n)
         if self.critic is not None:
             fields["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
@@ -1076,10 +1124,9 @@ class RLTrainer(RolloutTrainer):
             return torch.tensor([s[name] + [0.0] * (width - len(s[name])) for s in samples], dtype=torch.float32)
 
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
-        old, old_raw, sampler = padded("old_logps"), padded("old_raw_logps"), padded("sampler_logps")
-        # the sampler reports raw (temperature 1) log-probs: its mismatch with the trainer is
-        # measured on those, and the IS weight uses it for the tempered policy's ratio
-        sampler = torch.where(torch.isnan(sampler), old_raw, sampler)
+        old, sampler = padded("old_logps"), padded("sampler_logps")
+        # both of the tempered policy (an empty completion's end-of-turn token has no sampler log-prob)
+        sampler = torch.where(torch.isnan(sampler), old, sampler)
         scores = torch.tensor([s["score"] for s in samples])
         kl = torch.zeros_like(old)
         if self.reference is not None:
@@ -1104,13 +1151,19 @@ class RLTrainer(RolloutTrainer):
                 adv, returns = gae(token_r, padded("old_values"), mask, loss.gamma, loss.lam)
         if loss.whiten_advantages and loss.advantage in ("gae", "rloo"):
             adv = masked_whiten(adv, mask)
-        is_weight = truncated_is_weight(old_raw, sampler, loss.tis_cap, mask) if loss.tis_cap else torch.ones_like(old)
+        if not loss.tis_cap:
+            is_weight = torch.ones_like(old)
+        elif loss.sequence_level:  # the completion's probability ratio, the same for each of its tokens
+            seq_weight = truncated_is_weight(((old - sampler) * mask).sum(1), torch.zeros(len(samples)), loss.tis_cap)
+            is_weight = seq_weight[:, None] * mask + (1 - mask)
+        else:
+            is_weight = truncated_is_weight(old, sampler, loss.tis_cap, mask)
         for i, (s, r) in enumerate(zip(samples, lengths)):
             s["advantages"], s["returns"], s["is_weight"] = adv[i, :r].tolist(), returns[i, :r].tolist(), is_weight[i, :r].tolist()
             s.setdefault("ref_logps", [0.0] * r)
             s.setdefault("old_values", [0.0] * r)
         record = {"rollout/kl": kl.sum(1).mean().item(), "rollout/advantage_mean": masked_mean(adv, mask).item(),
-                  "rollout/logp_mismatch": masked_mean((old_raw - sampler).abs(), mask).item(),
+                  "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
                   "rollout/is_weight_mean": masked_mean(is_weight, mask).item()}
         if self.critic is not None:
             record["critic/explained_variance"] = explained_variance(padded("old_values"), returns, mask).item()
@@ -1119,27 +1172,36 @@ class RLTrainer(RolloutTrainer):
     # --- the update ---------------------------------------------------------------------------
 
     def loss(self, batch: dict, examples: list[dict]) -> tuple[torch.Tensor, dict]:
-        loss = self.cfg.loss
-        logits = self.policy_logits(self.model, batch)[0]
+        """Summed over the micro-batch with ``aggregation_weights``: divided by the global
+        ``units`` it is the mini-batch's aggregated loss."""
+        loss, n = self.cfg.loss, len(examples)
+        logits = self.policy_logits(self.model, batch)
         logps, mask = target_logps(logits, batch["targets"])
-        per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
-                                           loss.clip_high, is_weight=batch["is_weight"])
+        weights = aggregation_weights(mask, batch["seq_ids"], n, loss.aggregation, loss.sampling.max_new_tokens)
+        units = mask.sum() if loss.aggregation == "token_mean" else n
         tokens = mask.sum()
-        total = per_token.sum()
-        metrics = {"policy/loss": (total.detach(), tokens), "policy/clipfrac": (stats["clipfrac"] * tokens, tokens),
-                   "policy/approx_kl": (stats["approx_kl"] * tokens, tokens)}
+        if loss.sequence_level:
+            per_seq, stats = sequence_ppo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n,
+                                               loss.clip, loss.clip_high, is_weight=batch["is_weight"])
+            total, clip_units = per_seq.sum(), n
+        else:
+            per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
+                                               loss.clip_high, is_weight=batch["is_weight"])
+            total, clip_units = (per_token * weights).sum(), tokens
+        metrics = {"policy/loss": (total.detach(), units), "policy/clipfrac": (stats["clipfrac"] * clip_units, clip_units),
+                   "policy/approx_kl": (stats["approx_kl"] * clip_units, clip_units)}
         if self.reference is not None and not loss.kl_in_reward:
             kl = kl_penalty(logps, batch["ref_logps"], loss.kl_estimator) * mask
-            total = total + self.kl_ctl.value * kl.sum()
+            total = total + self.kl_ctl.value * (kl * weights).sum()
             metrics["policy/kl"] = (kl.sum().detach(), tokens)
         with torch.set_grad_enabled(torch.is_grad_enabled() and loss.entropy_coef > 0):
-            entropy = (entropy_from_logits(logits.float()) * mask).sum()
-        total = total - loss.entropy_coef * entropy
-        metrics["policy/entropy"] = (entropy.detach(), tokens)
+            entropy = entropy_from_logits(logits.float()) * mask
+        total = total - loss.entropy_coef * (entropy * weights).sum()
+        metrics["policy/entropy"] = (entropy.sum().detach(), tokens)
         if self.critic is not None:
             values = self.critic(batch["input_ids"], batch["position_ids"])[0].float()
             per_value = value_loss(values, batch["old_values"], batch["returns"], mask, loss.value_clip)
-            total = total + loss.vf_coef * per_value.sum()
+            total = total + loss.vf_coef * (per_value * weights).sum()
             metrics["critic/value_loss"] = (per_value.sum().detach(), tokens)
         return total, metrics
 

@@ -189,7 +189,10 @@ def _ultrafeedback_row(r: dict, source: str, row: int) -> dict | str:
     other, rejected = _last_reply(r.get("rejected"), source, row, "rejected")
     if other != prompt:
         raise DataError(f"{where(source, row, 'rejected')}: the messages before the reply differ from 'chosen'")
-    return _pair(prompt, chosen, rejected)
+    pair = _pair(prompt, chosen, rejected)
+    if isinstance(pair, dict) and r.get("score_chosen") is not None and r.get("score_chosen") == r.get("score_rejected"):
+        return "tied scores"  # the binarization keeps ties: no preference to learn
+    return pair
 
 
 @register("ultrafeedback", "pref")
@@ -202,7 +205,8 @@ def ultrafeedback(split: str, path: str | None) -> list[dict]:
     assistant's reply.
 
     Row: prompt = chosen's messages but the last, chosen/rejected = the last message's content
-    of each. Pairs with an empty or identical reply are skipped and counted.
+    of each. Pairs with an empty or identical reply, or with tied ``score_chosen`` and
+    ``score_rejected`` (the binarization keeps ties), are skipped and counted.
     """
     split = _split(split)
     files = _files(ULTRAFEEDBACK_ID, path, [f"data/{split}_prefs-*.parquet"], "parquet")

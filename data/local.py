@@ -6,7 +6,8 @@ The shape comes from the first row: chosen and rejected columns -> "pref", a res
 message list whose last message is the assistant's (its content is taken). Every row is checked
 before anything is returned; errors name the file, the row (the line for JSON lines) and the
 column. A file has one split, so rows whose 0-based index has index % 20 == 19 are "test", the
-rest "train".
+rest "train": a file of fewer than 20 rows has no test rows (the run trains on all of it and
+says it evaluates nothing of it).
 """
 
 from __future__ import annotations

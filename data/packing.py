@@ -81,7 +81,9 @@ def pack(sequences: list[dict], row_tokens: int, pad_id: int, fields: tuple[str,
 
 
 def pad(sequences: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The padded layout of the same sequences (one per row), for benchmarks and tests."""
+    """The padded layout of the same sequences (one per row, right-padded, no attention mask: a
+    causal model never attends from a real token to the padding after it): ``packing=false``, and
+    ``packing=auto`` for a model that cannot pack."""
     width = max(len(s["input_ids"]) for s in sequences)
     out = {k: [] for k in ("input_ids", "position_ids", "targets", "seq_ids", *fields)}
     for i, s in enumerate(sequences):
@@ -93,6 +95,12 @@ def pad(sequences: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dic
         for name in fields:
             out[name].append([float(x) for x in s[name][1:]] + [0.0] * (fill + 1))
     return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum ``values`` ([R, L]) over each packed sequence's positions -> [n]."""
+    valid = seq_ids >= 0
+    return values.new_zeros(n).index_add(0, seq_ids[valid], values[valid])
 
 
 def unpack(values: torch.Tensor, batch: dict, n: int) -> list[torch.Tensor]:

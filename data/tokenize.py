@@ -74,7 +74,7 @@ def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "
             continue
         p, (r,) = kept
         examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r, "prompt": row["prompt"]})
-    if not examples:
+    if rows and not examples:  # (no rows at all: an empty eval split, already reported)
         raise DataError(f"{source}: no example left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
 
@@ -96,7 +96,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str =
         example = {side: {"input_ids": p + ids, "labels": [IGNORE] * len(p) + ids}
                    for side, ids in (("chosen", c), ("rejected", r))}
         examples.append({**example, "prompt": row["prompt"]})
-    if not examples:
+    if rows and not examples:  # (no rows at all: an empty eval split, already reported)
         raise DataError(f"{source}: no pair left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
 
@@ -112,6 +112,6 @@ def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "origin")}
         examples.append({"prompt_ids": kept[0], "prompt": row["prompt"], "row": extra})
-    if not examples:
+    if rows and not examples:  # (no rows at all: an empty eval split, already reported)
         raise DataError(f"{source}: no prompt left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats

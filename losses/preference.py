@@ -55,7 +55,10 @@ def kto_loss(pi_c, pi_r, ref_c, ref_r, beta: float, desirable_weight: float = 1.
 
         r_c = pi_c - ref_c,  r_r = pi_r - ref_r
         z0  = max(0, mean over the micro-batch of (r_c + r_r) / 2), detached
-        L   = w_D (1 - sigmoid(beta (r_c - z0))) + w_U (1 - sigmoid(beta (z0 - r_r)))
+        L   = [w_D (1 - sigmoid(beta (r_c - z0))) + w_U (1 - sigmoid(beta (z0 - r_r)))] / 2
+
+    The paper's loss is the mean over examples, and a pair is two examples: hence the 1/2, so that
+    the trainer's mean over pairs is the paper's (and TRL's) mean over replies.
 
     The paper estimates the reference point z0 (the policy/reference KL) from mismatched
     prompt-completion pairs; here it is the micro-batch mean of the log-ratios of the batch's own
@@ -65,8 +68,8 @@ def kto_loss(pi_c, pi_r, ref_c, ref_r, beta: float, desirable_weight: float = 1.
     """
     r_c, r_r = pi_c - ref_c, pi_r - ref_r
     z0 = torch.cat([r_c, r_r]).mean().clamp(min=0).detach()
-    losses = desirable_weight * (1 - torch.sigmoid(beta * (r_c - z0))) + undesirable_weight * (
-        1 - torch.sigmoid(beta * (z0 - r_r)))
+    losses = (desirable_weight * (1 - torch.sigmoid(beta * (r_c - z0))) + undesirable_weight * (
+        1 - torch.sigmoid(beta * (z0 - r_r)))) / 2
     return losses, (beta * r_c).detach(), (beta * r_r).detach()
 
 

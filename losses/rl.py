@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from data.packing import per_sequence
+
 WHITEN_EPS = 1e-8
 
 
@@ -206,6 +208,60 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high
         "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).detach(),
     }
     return loss, metrics
+
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+
+
+def aggregation_weights(mask, seq_ids, n: int, aggregation: str, max_new_tokens: int):
+    """Per-token weights ``w`` that turn a sum into the named mean of per-token losses L_it of the
+    G sequences o_i of a mini-batch: ``sum(w * L) / units`` with ``units`` the mini-batch's
+    response tokens (token_mean) or its sequences (the others; ``aggregation_units``):
+
+        token_mean     DAPO (arXiv:2503.14476)     sum_i sum_t L_it / sum_i |o_i|          w = 1
+        sequence_mean  GRPO paper (2402.03300)     1/G sum_i 1/|o_i| sum_t L_it            w = 1 / |o_i|
+        constant       Dr. GRPO (2503.20783)       1/(G T_max) sum_i sum_t L_it            w = 1 / T_max
+
+    ``T_max`` is the generation budget (``max_new_tokens``). Works on any layout: ``seq_ids``
+    ([R, L], -1 on padding) says which of the ``n`` sequences owns each position, ``mask`` which
+    positions are response tokens. 0 off the response tokens.
+    """
+    if aggregation == "token_mean":
+        return mask
+    if aggregation == "constant":
+        return mask / max_new_tokens
+    if aggregation == "sequence_mean":
+        lengths = per_sequence(mask, seq_ids, n)
+        return mask / lengths.clamp(min=1)[seq_ids.clamp(min=0)]
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+def aggregation_units(n_response_tokens: int, aggregation: str) -> int:
+    """What ``aggregation_weights``' sum is divided by for a sequence of ``n_response_tokens``."""
+    return n_response_tokens if aggregation == "token_mean" else 1
+
+
+def sequence_ppo_loss(logp, old_logp, advantages, mask, seq_ids, n: int, clip_low: float,
+                      clip_high: float | None = None, is_weight=None):
+    """The sequence-level form of RLOO (Ahmadian et al. 2024, arXiv:2402.14740: "we model the entire
+    completion as a single action"), PPO-clipped so that several updates per rollout stay safe:
+
+        rho_i = pi(o_i) / pi_old(o_i) = exp(sum_t logp_it - sum_t old_logp_it)
+        L_i   = -min(rho_i A_i, clip(rho_i, 1 - clip_low, 1 + clip_high) A_i)   [* is_weight_i]
+
+    On-policy (rho = 1) the gradient is the paper's REINFORCE estimator -A_i grad log pi(o_i | x).
+    ``advantages`` and ``is_weight`` are per token, constant over a sequence (one value each);
+    the layout is ``aggregation_weights``'. Returns the per-sequence loss [n] and detached metrics
+    (``clipfrac`` over sequences, ``approx_kl`` the mean of 0.5 (log rho_i)^2).
+    """
+    lengths = per_sequence(mask, seq_ids, n).clamp(min=1)
+    seq_logp, seq_old = per_sequence(logp * mask, seq_ids, n), per_sequence(old_logp * mask, seq_ids, n)
+    seq_adv = per_sequence(advantages * mask, seq_ids, n) / lengths
+    seq_w = None if is_weight is None else per_sequence(is_weight * mask, seq_ids, n) / lengths
+    ones = torch.ones_like(seq_logp[:, None])
+    loss, metrics = ppo_policy_loss(seq_logp[:, None], seq_old[:, None], seq_adv, ones, clip_low, clip_high,
+                                    is_weight=None if seq_w is None else seq_w[:, None])
+    return loss[:, 0], metrics
 
 
 def truncated_is_weight(old_logp, sampler_logp, cap: float, mask=None):

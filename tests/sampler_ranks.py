@@ -92,17 +92,36 @@ def sft_steps(model, optimizer, examples: list[dict], steps: int, per_step: int 
         optimizer.zero_grad(set_to_none=True)
 
 
+def sampling_logps(logits: torch.Tensor, params=None) -> torch.Tensor:
+    """log q over the vocabulary of the distribution ``params`` samples from, written out: logits / T,
+    then top-k keeps the k largest, then top-p keeps the most likely tokens until their mass
+    reaches p (a token is kept if the mass of the tokens above it is below p), renormalised.
+    Greedy (T = 0) or no params: the raw log_softmax."""
+    logits = logits.float()
+    if params is None or params.temperature == 0:
+        return torch.log_softmax(logits, -1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        probs, order = torch.softmax(logits, -1).sort(-1, descending=True)
+        above = probs.cumsum(-1) - probs  # the mass of the tokens more likely than each
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, above < params.top_p)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(logits, -1)
+
+
 @torch.no_grad()
-def recomputed_logps(model, prompt_list: list[list[int]], samples) -> list[list[float]]:
-    """What a trainer computes for each completion: token_logps over packed prompt+completion."""
-    pairs = [(p, s) for p, ss in zip(prompt_list, samples) for s in ss]
-    seqs = [{"input_ids": p + s.token_ids, "labels": [IGNORE] * len(p) + s.token_ids} for p, s in pairs]
-    batch = pack(seqs, 1024, 0)
-    logps, _ = token_logps(model, batch)
+def recomputed_logps(model, prompt_list: list[list[int]], samples, params=None) -> list[list[float]]:
+    """Each completion token's log-prob under the distribution ``params`` samples from, from one
+    plain forward per completion (no packing, no helpers of the project)."""
     out = []
-    for i in range(len(seqs)):
-        where = (batch["seq_ids"] == i) & (batch["targets"] != IGNORE)
-        out.append(logps[where].tolist())
+    for p, ss in zip(prompt_list, samples):
+        for s in ss:
+            ids = torch.tensor([p + s.token_ids])
+            logq = sampling_logps(model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1], params)
+            out.append(logq.gather(1, torch.tensor(s.token_ids)[:, None])[:, 0].tolist())
     return out
 
 

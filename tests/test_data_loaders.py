@@ -218,6 +218,17 @@ def _uf_copy(tmp_path, edit):
     return str(file)
 
 
+def test_ultrafeedback_tied_scores_are_dropped_and_counted(tmp_path, caplog):
+    def tie(rows):
+        rows[0]["score_rejected"] = rows[0]["score_chosen"]
+
+    _uf_copy(tmp_path, tie)
+    with caplog.at_level(logging.WARNING, logger="data.hub"):
+        rows = hub.ultrafeedback("train", str(tmp_path))
+    assert [r["chosen"] for r in rows] == ["Red, yellow and blue."]
+    assert "skipped 2 of 3 rows (identical replies: 1, tied scores: 1)" in caplog.text
+
+
 def test_ultrafeedback_bad_rows(tmp_path):
     def last_is_user(rows):
         rows[1]["chosen"][-1]["role"] = "user"

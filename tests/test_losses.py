@@ -45,11 +45,15 @@ def dpo_ref(pc, pr, rc, rr, beta, eps=0.0):
 
 
 def kto_ref(pc, pr, rc, rr, beta, wd, wu, z0=None):
+    """The paper's loss (Ethayarajh et al. 2024, eq. 8; TRL's KTOTrainer): one example per reply, the
+    chosen ones desirable, the rejected ones undesirable, and the loss the MEAN over all 2N of them:
+    L = 1/2N [sum_c w_D (1 - sigmoid(beta (r_c - z0))) + sum_r w_U (1 - sigmoid(beta (z0 - r_r)))]."""
     lc = [a - c for a, c in zip(pc, rc)]
     lr = [b - d for b, d in zip(pr, rr)]
     if z0 is None:
         z0 = max(0.0, sum(lc + lr) / (2 * len(lc)))
-    return [wd * (1 - sigmoid(beta * (x - z0))) + wu * (1 - sigmoid(beta * (z0 - y))) for x, y in zip(lc, lr)]
+    examples = [wd * (1 - sigmoid(beta * (x - z0))) for x in lc] + [wu * (1 - sigmoid(beta * (z0 - y))) for y in lr]
+    return sum(examples) / len(examples)
 
 
 # --- DPO ----------------------------------------------------------------------------------------
@@ -157,9 +161,10 @@ def kto_inputs(seed, z0_sign):
 def test_kto(seed, z0_sign, beta, wd, wu):
     pc, pr, rc, rr = kto_inputs(seed, z0_sign)
     losses, cr, rj = kto_loss(t(pc), t(pr), t(rc), t(rr), beta, wd, wu)
-    close(losses, kto_ref(pc, pr, rc, rr, beta, wd, wu))
+    # the trainer divides the summed per-pair losses by the number of pairs
+    close(losses.sum() / N, kto_ref(pc, pr, rc, rr, beta, wd, wu))
     if z0_sign < 0:  # the clamp: a negative mean log-ratio gives z0 = 0, not the mean
-        close(losses, kto_ref(pc, pr, rc, rr, beta, wd, wu, z0=0.0))
+        close(losses.sum() / N, kto_ref(pc, pr, rc, rr, beta, wd, wu, z0=0.0))
     close(cr, [beta * (a - c) for a, c in zip(pc, rc)])
     close(rj, [beta * (b - d) for b, d in zip(pr, rr)])
 
@@ -170,18 +175,18 @@ def test_kto_gradient_holds_z0_fixed(seed):
     beta, wd, wu = 0.2, 1.0, 1.5
     z0 = (sum(pc) + sum(pr) - sum(rc) - sum(rr)) / (2 * N)
     x = t(pc, grad=True)
-    kto_loss(x, t(pr), t(rc), t(rr), beta, wd, wu)[0].sum().backward()
+    (kto_loss(x, t(pr), t(rc), t(rr), beta, wd, wu)[0].sum() / N).backward()
 
     def total(i, d, z):
-        return sum(kto_ref(pc[:i] + [pc[i] + d] + pc[i + 1:], pr, rc, rr, beta, wd, wu, z0=z))
+        return (kto_ref(pc[:i] + [pc[i] + d] + pc[i + 1:], pr, rc, rr, beta, wd, wu, z0=z))
 
     step = 1e-5
     fixed = [(total(i, step, z0) - total(i, -step, z0)) / (2 * step) for i in range(N)]
     fd_tol = dict(rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(x.grad, t(fixed), **fd_tol)
-    # analytically: d/dpi_c of w_D (1 - sigmoid(beta (r_c - z0))) = -w_D beta s (1 - s)
+    # analytically: d/dpi_c of 1/2N w_D (1 - sigmoid(beta (r_c - z0))) = -w_D beta s (1 - s) / 2N
     s = [sigmoid(beta * (a - c - z0)) for a, c in zip(pc, rc)]
-    close(x.grad, [-wd * beta * v * (1 - v) for v in s])
+    close(x.grad, [-wd * beta * v * (1 - v) / (2 * N) for v in s])
     # ... and the check above tells it from the gradient with z0 moving along with pi_c
     moving = [(total(i, step, None) - total(i, -step, None)) / (2 * step) for i in range(N)]
     assert not torch.allclose(x.grad, t(moving), **fd_tol)

@@ -64,7 +64,6 @@ def test_two_ranks_equal_one_process(tmp_path, loss):
         runs.append((run_ranks(train_run, world, tmp_path, overrides)[0], metrics(run_dir)))
     (w1, m1), (w2, m2) = runs
     assert_same_run(m1, m2)
-    assert m1[-1]["eval/rewards/accuracy"] > 0.5
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
 

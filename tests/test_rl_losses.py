@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from losses.rl import (AdaptiveKLController, FixedKLController, discounted_returns, entropy_from_logits,
-                       explained_variance, gae, grpo_advantages, kl_penalty, masked_mean, masked_whiten,
-                       ppo_policy_loss, reinforce_pp_advantages, rloo_advantages, token_rewards,
-                       truncated_is_weight, value_loss)
+from losses.rl import (AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
+                       discounted_returns, entropy_from_logits, explained_variance, gae, grpo_advantages, kl_penalty,
+                       masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages,
+                       sequence_ppo_loss, token_rewards, truncated_is_weight, value_loss)
 
 SEEDS = [0, 1, 2, 3, 4]
 B, T = 6, 9
@@ -514,3 +514,81 @@ def test_padding_never_leaks():
     for out in (first[0], first[1], first[2], first[4], first[5], first[8], first[9], first[10], first[11], first[12]):
         assert (out[mask == 0] == 0).all()
     assert (first[3][mask == 0] == 1).all()
+
+
+# --- loss aggregation and RLOO's sequence-level loss, against the papers' objectives ----------------
+
+def clipped_term(r, a, lo, hi):
+    """min(r A, clip(r, 1 - lo, 1 + hi) A), written out for one token or one sequence."""
+    return torch.minimum(r * a, torch.clamp(r, 1 - lo, 1 + hi) * a)
+
+
+def aggregation_case(seed):
+    rng = random.Random(seed)
+    lens = ragged(rng)
+    mask = t(mask_of(lens))
+    logp = t(tokens(rng, lens, -3, -0.1), grad=True)
+    old = t([[x + rng.uniform(-0.3, 0.3) for x in row] for row in logp.tolist()])
+    adv = [rng.uniform(-2, 2) for _ in range(B)]  # one per sequence (GRPO, RLOO)
+    seq_ids = torch.tensor([[b if j < n else -1 for j in range(T)] for b, n in enumerate(lens)])
+    return lens, mask, logp, old, adv, seq_ids
+
+
+def aggregated(logp, old, adv, mask, seq_ids, lens, how, t_max):
+    """The project's path: per-token PPO loss, aggregation weights, divided by the batch's units."""
+    per_token, _ = ppo_policy_loss(logp, old, t(adv), mask, 0.2, 0.28)
+    units = sum(aggregation_units(n, how) for n in lens)
+    return (per_token * aggregation_weights(mask, seq_ids, B, how, t_max)).sum() / units
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("how", ["token_mean", "sequence_mean", "constant"])
+def test_loss_aggregation_is_the_papers_objective(seed, how):
+    lens, mask, logp, old, adv, seq_ids = aggregation_case(seed)
+    t_max = 12  # the generation budget, longer than any row here
+    got = aggregated(logp, old, adv, mask, seq_ids, lens, how, t_max)
+    (g_got,) = torch.autograd.grad(got, logp)
+    # the objectives, token by token: -J
+    terms = [[clipped_term(torch.exp(logp[i, j] - old[i, j]), adv[i], 0.2, 0.28) for j in range(n)]
+             for i, n in enumerate(lens)]
+    if how == "token_mean":  # DAPO eq. 8: 1 / sum_i |o_i| sum_i sum_t
+        want = -sum(x for row in terms for x in row) / sum(lens)
+    elif how == "sequence_mean":  # GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t
+        want = -sum(sum(row) / len(row) for row in terms) / B
+    else:  # Dr. GRPO: the 1/|o_i| removed, a constant normaliser (G x the generation budget) instead
+        want = -sum(x for row in terms for x in row) / (B * t_max)
+    (g_want,) = torch.autograd.grad(want, logp)
+    close(got, want.item())
+    torch.testing.assert_close(g_got, g_want, **TOL)
+    assert (g_got[mask == 0] == 0).all()
+
+
+def test_aggregations_differ_on_ragged_rows():
+    """The three are different objectives (a test that cannot tell them apart is no test)."""
+    lens, mask, logp, old, adv, seq_ids = aggregation_case(0)
+    values = [aggregated(logp, old, adv, mask, seq_ids, lens, how, 12).item()
+              for how in ("token_mean", "sequence_mean", "constant")]
+    assert len({round(v, 6) for v in values}) == 3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rloo_sequence_loss_is_the_papers_estimator(seed):
+    lens, mask, logp, old, adv, seq_ids = aggregation_case(seed)
+    adv_tokens = t(adv)[:, None] * mask
+    weight = t([[0.5 + 0.1 * i] * T for i in range(B)])
+    per_seq, stats = sequence_ppo_loss(logp, old, adv_tokens, mask, seq_ids, B, 0.2, 0.28, is_weight=weight)
+    got = per_seq.sum() / B  # aggregation_units: one per sequence
+    (g_got,) = torch.autograd.grad(got, logp)
+    # the completion as one action: its probability ratio prod_t pi / pi_old, clipped, times A_i
+    want = 0
+    for i, n in enumerate(lens):
+        ratio = torch.exp(sum(logp[i, j] for j in range(n)) - sum(old[i, j] for j in range(n)))
+        want = want - clipped_term(ratio, adv[i], 0.2, 0.28) * (0.5 + 0.1 * i)
+    want = want / B
+    (g_want,) = torch.autograd.grad(want, logp)
+    close(got, want.item())
+    torch.testing.assert_close(g_got, g_want, **TOL)
+    # on-policy (old = logp) it is REINFORCE with the leave-one-out advantage: -1/k sum_i A_i grad log pi(o_i)
+    on = sequence_ppo_loss(logp, logp.detach(), adv_tokens, mask, seq_ids, B, 0.2, 0.28)[0].sum() / B
+    (g_on,) = torch.autograd.grad(on, logp)
+    torch.testing.assert_close(g_on, t([[-adv[i] / B * m for m in row] for i, row in enumerate(mask_of(lens))]), **TOL)

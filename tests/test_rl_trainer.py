@@ -186,7 +186,8 @@ def advantage_trainer(**loss):
 
     trainer = object.__new__(RLTrainer)
     defaults = dict(kl_estimator="k1", kl_in_reward=True, n_samples_per_prompt=2, advantage="gae", gamma=1.0,
-                    lam=0.95, whiten_rewards=False, whiten_advantages=False, scale_rewards=True, tis_cap=2.0)
+                    lam=0.95, whiten_rewards=False, whiten_advantages=False, scale_rewards=True, tis_cap=2.0,
+                    sequence_level=False)
     trainer.cfg = OmegaConf.create({"loss": {**defaults, **loss}})
     trainer.kl_ctl = FixedKLController(0.1)
     trainer.reference, trainer.critic = object(), (object() if loss.get("advantage", "gae") == "gae" else None)
@@ -202,7 +203,6 @@ def rollout():
         out.append({"response_ids": [5] * n, "score": score, "scores": {"f": score}, "text": "x", "finish_reason": "stop",
                     "old_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
                     "ref_logps": [-1.1 - 0.05 * t for t in range(n)],
-                    "old_raw_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
                     "sampler_logps": [-1.0 - 0.1 * i - 0.2 * t + 0.3 for t in range(n)],
                     "old_values": [0.2 * t - 0.1 * i for t in range(n)]})
     return out
@@ -313,9 +313,9 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, si
 
 
 def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, single_process):
-    """pi_old and the reference are the distribution sampled from, softmax(logits / T); the raw
-    log-probs (what the sampler reports, for the IS weight) are kept beside them. Checked against
-    a plain unpacked forward of each sample."""
+    """pi_old and the reference are the distribution sampled from, softmax(logits / T), which is
+    also what the sampler reports (test_sampler). Checked against a plain unpacked forward of each
+    sample."""
     cfg = make_cfg(*rl_overrides(tmp_path / "t", "grpo", "loss.sampling.temperature=2.0"))
     trainer = FixedRollout(cfg, distributed.device())
     samples = trainer.generate(trainer.train_examples[:3], SamplingParams(n=2))
@@ -327,8 +327,6 @@ def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, singl
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
         targets = torch.tensor(ids[1:])[len(s["prompt_ids"]) - 1 :]
         at = slice(len(s["prompt_ids"]) - 1, None)
-        raw = torch.log_softmax(logits[at], -1).gather(1, targets[:, None])[:, 0]
         tempered = torch.log_softmax(logits[at] / 2.0, -1).gather(1, targets[:, None])[:, 0]
-        assert s["old_raw_logps"] == pytest.approx(raw.tolist(), abs=1e-5)
         assert s["old_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)
         assert s["ref_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)

@@ -31,8 +31,11 @@ from transformers import AutoModelForCausalLM
 import distributed
 import models
 import sampler
-from data.tokenize import prompt_ids
 from conftest import REPO, make_cfg, run_ranks
+from data.packing import pack, unpack
+from data.tokenize import IGNORE, prompt_ids
+from losses.rl import truncated_is_weight
+from trainers import RLTrainer, target_logps
 from sampler import HFSampler, SamplingParams, VLLMSampler, build_sampler, weight_groups
 from sampler_ranks import (TINY, max_logp_diff, prompts, recomputed_logps, sampler_override, sft_examples,
                            sft_steps, tiny_model, tokenizer, trained_weights)
@@ -89,10 +92,34 @@ def test_hf_batches_left_padded_and_logprobs_are_the_trainers():
         out = batched.generate(p, params)
         assert [len(ss) for ss in out] == [params.n] * len(p)
         assert all(len(s.logprobs) == len(s.token_ids) for ss in out for s in ss)
-        # log p under the raw distribution (temperature 1), as the trainer recomputes it
-        assert max_logp_diff(recomputed_logps(model, p, out), out) < 1e-4
+        # log q under the distribution sampled from (tempered, truncated), written out in the test
+        assert max_logp_diff(recomputed_logps(model, p, out, params), out) < 1e-4
     assert torch.equal(torch.get_rng_state(), rng), "sampling moved the trainer's RNG"
     assert model.training and model.config.use_cache is False, "generate must restore training mode and use_cache"
+
+
+def assert_on_policy_weight_is_one(sampler, model, prompt_list):
+    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (RLTrainer.policy_logits
+    on a packed batch) on samples the sampler just drew from the same weights: E_q[pi_old / q] = 1,
+    and per token the two log-probs agree (the sampler reports the tempered distribution)."""
+    params = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, seed=3)
+    out = sampler.generate(prompt_list, params)
+    pairs = [(p, s) for p, ss in zip(prompt_list, out) for s in ss]
+    batch = pack([{"input_ids": p + s.token_ids, "labels": [IGNORE] * len(p) + s.token_ids} for p, s in pairs], 1024, 0)
+    trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": {"temperature": 0.7}}}))
+    with torch.no_grad():
+        old = unpack(target_logps(RLTrainer.policy_logits(trainer, model, batch), batch["targets"])[0], batch, len(pairs))
+    old = torch.cat(old)
+    q = torch.tensor([x for _, s in pairs for x in s.logprobs])
+    weights = truncated_is_weight(old, q, cap=float("inf"))
+    assert len(weights) > 200
+    assert abs(weights.mean().item() - 1) < 1e-3, weights.mean()
+    assert (old - q).abs().max() < 1e-4
+
+
+def test_hf_importance_weight_on_policy_is_one_under_temperature():
+    tok, model = tokenizer(), trained_tiny()
+    assert_on_policy_weight_is_one(HFSampler(model, tok, batch_size=16), model, prompts(tok, 16, start=150))
 
 
 def test_hf_eos_stop_strings_and_seeds():
@@ -289,7 +316,11 @@ def test_vllm_logprobs_are_the_trainers(engine):
     for params in (GREEDY, SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=24)):
         out = engine.vllm.generate(p, params)
         assert [len(ss) for ss in out] == [params.n] * len(p)
-        assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
+        assert max_logp_diff(recomputed_logps(engine.model, p, out, params), out) < 1e-4
+
+
+def test_vllm_importance_weight_on_policy_is_one_under_temperature(engine):
+    assert_on_policy_weight_is_one(engine.vllm, engine.model, prompts(engine.tok, 16, start=150))
 
 
 def test_vllm_seeded_sampling_of_many_long_prompts(engine):
@@ -328,8 +359,9 @@ def test_vllm_sync_in_small_buckets_loads_every_layer(trained_engine):
     assert stats["max_bucket_bytes"] == max(sum(p.numel() * p.element_size() for _, p in g) for g in groups)
     p = prompts(engine.tok, 8, start=300)
     assert ids(engine.vllm.generate(p, GREEDY)) == ids(engine.hf.generate(p, GREEDY))
-    out = engine.vllm.generate(p, SamplingParams(n=2, max_new_tokens=16))
-    assert max_logp_diff(recomputed_logps(engine.model, p, out), out) < 1e-4
+    params = SamplingParams(n=2, max_new_tokens=16)
+    out = engine.vllm.generate(p, params)
+    assert max_logp_diff(recomputed_logps(engine.model, p, out, params), out) < 1e-4
 
 
 def test_vllm_eos_and_stop_strings_match_hf(engine):

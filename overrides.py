@@ -1,0 +1,111 @@
+"""The command line's Hydra overrides, checked before Hydra and anything heavy runs.
+
+Hydra refuses an unknown key with a traceback and no hint, accepts ``+key=`` for a key no code
+reads, and knows nothing of the DPO repo's keys (seed 002) its users type. ``check(argv)``
+answers each with one line: an unknown key names the closest valid one, a DPO-repo key names
+what to write here instead (or is accepted where it means what FSDP already does), a ``+key``
+nothing reads is warned about. It returns the argv Hydra should see.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+GROUPS = ("loss", "model", "sampler")  # config groups: loss=dpo picks config/loss/dpo.yaml
+# keys under these hold whatever a user names: a transformers config, dataset names
+OPEN = ("model.init.", "data.paths.", "hydra.")
+
+# The DPO repo's keys (seed 002) with no key of the same meaning here
+DPO_REPO = {
+    "data_fraction": "train on part of the data with n_examples=<number of examples> (counts are in examples)",
+    "prefs_path": "a file of preference pairs is a dataset here: datasets=[<path to .jsonl/.json/.parquet>]",
+    "trainer=TensorParallelTrainer": "there is no tensor-parallel trainer: every model is sharded with FSDP2; drop trainer=",
+    "trainer=BasicTrainer": "BasicTrainer (one process, no sharding) is a world of one here: run "
+                            "`python train.py ...` or `torchrun --nproc_per_node 1 train.py ...` and drop trainer=",
+}
+
+
+class OverrideError(ValueError):
+    """An override that cannot mean what the user wants."""
+
+
+def known_keys(node, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        keys.add(name)
+        if OmegaConf.is_dict(v):
+            keys |= known_keys(v, name + ".")
+    return keys
+
+
+def compose(groups: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=groups)
+
+
+def check(argv: list[str], warn=print) -> list[str]:
+    """``argv`` (sys.argv[1:]) as Hydra should see it; raises OverrideError for a mistake."""
+    kept, groups, others = [], [], []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            kept.append(arg)  # Hydra's own flags (--multirun, --cfg job, ...)
+            continue
+        key, value = arg.split("=", 1)
+        bare = key.lstrip("+~")
+        if bare == "trainer":  # the DPO repo's trainer class
+            if f"trainer={value}" in DPO_REPO:
+                raise OverrideError(f"trainer={value}: {DPO_REPO[f'trainer={value}']}")
+            if value != "FSDPTrainer":
+                raise OverrideError(f"trainer={value}: not a trainer here; the trainer is picked by loss= "
+                                    f"(config/loss/*.yaml names it)")
+            warn("trainer=FSDPTrainer: FSDP is how every run here is sharded; the override is dropped")
+            continue
+        if bare in DPO_REPO:
+            raise OverrideError(f"{bare}= (a DPO-repo option) does not exist here: {DPO_REPO[bare]}")
+        (groups if bare in GROUPS else others).append((arg, key, bare))
+        kept.append(arg)
+    for name in GROUPS:
+        for arg, _, bare in groups:
+            if bare == name and not (CONFIG_DIR / name / f"{arg.split('=', 1)[1]}.yaml").exists():
+                have = sorted(p.stem for p in (CONFIG_DIR / name).glob("*.yaml"))
+                raise OverrideError(f"{arg}: there is no config/{name}/{arg.split('=', 1)[1]}.yaml; "
+                                    f"choose one of {', '.join(have)}")
+    cfg = compose([arg for arg, _, _ in groups])
+    keys = known_keys(cfg)
+    # keys of the other loss files: loss.beta under loss=sft is a known key of the wrong loss
+    elsewhere: dict[str, list[str]] = {}
+    for path in sorted((CONFIG_DIR / "loss").glob("*.yaml")):
+        for k in known_keys(OmegaConf.load(path), "loss."):
+            elsewhere.setdefault(k, []).append(path.stem)
+    for arg, key, bare in others:
+        if bare in keys or bare.startswith(OPEN):
+            continue
+        if key.startswith("+"):
+            warn(f"warning: {arg} adds the key {bare}, which no config file has: nothing may read it")
+            continue
+        if bare in elsewhere:
+            raise OverrideError(f"{bare} (in {arg}) is not an option of loss={cfg.loss.name}: it is one of "
+                                f"loss={', loss='.join(elsewhere[bare])}")
+        close = difflib.get_close_matches(bare, sorted(keys | set(elsewhere)), n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}?" if close else ": see config/config.yaml and the loss= and model= files"
+        raise OverrideError(f"unknown key {bare} (in {arg}){hint}")
+    return kept
+
+
+def epochs_to_examples(save_every, n_train: int):
+    """``save_every``: a number of examples, or the DPO repo's ``epoch_N`` (every N epochs)."""
+    if save_every is None or isinstance(save_every, int):
+        return save_every
+    match = re.fullmatch(r"epoch_(\d+)", str(save_every))
+    if not match:
+        raise OverrideError(f"save_every={save_every}: expected a number of examples or epoch_<N>")
+    return int(match.group(1)) * n_train

@@ -1,0 +1,114 @@
+"""What a new user meets first: the README's override syntax, small local files, and mistakes
+answered with one line (``error: ...``, exit code 2, no traceback) before any model is built."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, fast_overrides, make_cfg, run_ranks
+from test_trainer import metrics, train_run
+
+
+def test_data_paths_and_columns_are_set_without_a_plus():
+    cfg = make_cfg("data.paths.hh=/data/hh-rlhf", "data.columns.prompt_key=message", "data.columns.chosen_key=chose")
+    assert cfg.data.paths.hh == "/data/hh-rlhf" and cfg.data.columns.prompt_key == "message"
+
+
+def sft_file(path, n):
+    path.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_file_smaller_than_the_holdout_trains_without_eval(tmp_path):
+    data = sft_file(tmp_path / "tiny.jsonl", 12)  # fewer than 20 rows: no test rows
+    run_dir = tmp_path / "run"
+    overrides = fast_overrides(run_dir) + [f"datasets=[{data}]", "n_examples=16"]
+    run_ranks(train_run, 1, tmp_path, overrides)
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2] and not any("eval/loss" in r for r in records)
+
+
+def test_n_eval_examples_zero_turns_eval_off(tmp_path):
+    run_dir = tmp_path / "run"
+    run_ranks(train_run, 1, tmp_path, fast_overrides(run_dir) + ["n_eval_examples=0"])
+    assert not any(k.startswith("eval/") for r in metrics(run_dir) for k in r)
+
+
+def test_a_data_error_is_one_line_with_exit_code_2(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "train.py", f"datasets=[{tmp_path / 'missing.jsonl'}]", f"run_dir={run_dir}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"error: {tmp_path / 'missing.jsonl'}: no such file"], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert lines[0] in (run_dir / "train.log").read_text()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["train.log"]  # no model, checkpoint or config written
+    shown = subprocess.run([sys.executable, "train.py", f"datasets=[{tmp_path / 'missing.jsonl'}]", f"run_dir={run_dir}",
+                            "debug=true"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_override_mistakes_name_the_closest_key_or_the_equivalent():
+    import overrides
+
+    def error(*argv):
+        with pytest.raises(overrides.OverrideError) as e:
+            overrides.check(list(argv), warn=lambda line: None)
+        return str(e.value)
+
+    assert error("loss=dpo", "loss.bta=0.1") == "unknown key loss.bta (in loss.bta=0.1): did you mean loss.beta?"
+    assert error("lossbeta=0.1").endswith("did you mean loss.beta?")
+    assert error("loss.beta=0.1").startswith("loss.beta (in loss.beta=0.1) is not an option of loss=sft: it is one of loss=cdpo")
+    assert error("loss=dpoo").startswith("loss=dpoo: there is no config/loss/dpoo.yaml; choose one of cdpo, dpo")
+    assert "n_examples=" in error("data_fraction=0.1") and "datasets=[" in error("prefs_path=/data/pairs.jsonl")
+    assert "torchrun --nproc_per_node 1" in error("trainer=BasicTrainer")
+    warned = []
+    argv = ["trainer=FSDPTrainer", "loss=dpo", "+loss.bta=0.1", "+model.init.rope_theta=1e4", "data.paths.hh=/x"]
+    assert overrides.check(argv, warn=warned.append) == argv[1:]  # FSDPTrainer is what runs anyway
+    assert len(warned) == 2 and "+loss.bta=0.1 adds the key loss.bta" in warned[1]
+    assert overrides.epochs_to_examples("epoch_3", 100) == 300 and overrides.epochs_to_examples(640, 100) == 640
+    with pytest.raises(overrides.OverrideError, match="save_every=every_3"):
+        overrides.epochs_to_examples("every_3", 100)
+
+
+def test_a_typo_stops_before_hydra_runs(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "loss=dpo", "loss.bta=0.1", f"run_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: unknown key loss.bta (in loss.bta=0.1): did you mean loss.beta?"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_paths_that_cannot_be_loaded_are_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    import models
+
+    def cfg(**kw):
+        return OmegaConf.create({"name": "x", "name_or_path": None, "archive": None, "init": None, **kw})
+
+    (tmp_path / "policy.pt").write_bytes(b"\0")
+    with pytest.raises(models.ConfigError, match=r"model.archive=.*policy.pt is a file: expected a Hugging Face model directory"):
+        models.model_config(cfg(archive=str(tmp_path / "policy.pt")))
+    with pytest.raises(models.ConfigError, match=r"model.name_or_path=.*nowhere: no such model directory"):
+        models.model_config(cfg(name_or_path=str(tmp_path / "nowhere")))
+
+
+def test_a_used_run_dir_is_refused_before_any_model_is_built(tmp_path, monkeypatch, single_process):
+    import models
+    from trainers import TRAINERS
+
+    run_dir = tmp_path / "run"
+    (run_dir / "step-8").mkdir(parents=True)
+    (run_dir / "step-8" / "trainer_state.json").write_text("{}")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    with pytest.raises(models.ConfigError, match="already holds checkpoints: pass resume=true or another run_dir"):
+        TRAINERS["SFTTrainer"](make_cfg(*fast_overrides(run_dir)), torch.device("cpu"))
