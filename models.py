@@ -201,7 +201,8 @@ class RewardModel(torch.nn.Module):
         """(per-token scores [R, L], LM logits [R, L, V] or None). The root's forward is what FSDP
         wraps, so every use of the backbone goes through here."""
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        scores = self.score(hidden).squeeze(-1)
+        # a copy, not a view of [R, L, 1]: FSDP2 warns that an in-place op on a view output would drop its hook
+        scores = self.score(hidden).squeeze(-1).clone()
         logits = self.lm.get_output_embeddings()(hidden) if with_logits else None
         return scores, logits
 

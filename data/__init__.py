@@ -118,7 +118,7 @@ def load_rows(name: str, split: str, shape: str, paths: dict | None = None, keys
         fn, have = REGISTRY[name]
         path = (paths or {}).get(name)
         rows, source = fn(split, path), path or name
-    elif os.path.splitext(name)[1] in local.EXTENSIONS:
+    elif os.path.splitext(name)[1].lower() in local.EXTENSIONS:
         (rows, have), source = local.load_file(name, split, keys or {}), name
     else:
         known = ", ".join(sorted(REGISTRY))

@@ -42,7 +42,27 @@ def _files(hub_id: str, path: str | None, patterns: list[str], builder: str) -> 
     files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, p))})
     if not files:
         raise DataError(f"{path}: no file matches {patterns}; expected a copy of {hub_id} in the hub's layout")
-    return [(f, datasets.load_dataset(builder, data_files=f, split="train")) for f in files]
+    return [(f, _load_local(builder, f)) for f in files]
+
+
+def _load_local(builder: str, file: str) -> datasets.Dataset:
+    """One local file through ``datasets``; a JSON-lines file it cannot parse is named with its
+    first malformed line (1-based), instead of the library's 0-based row deep in a traceback."""
+    try:
+        return datasets.load_dataset(builder, data_files=file, split="train")
+    except Exception as e:
+        if builder == "json":
+            import gzip
+            import json
+
+            opener = gzip.open if file.endswith(".gz") else open
+            with opener(file, "rt", encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, start=1):
+                    try:
+                        line.strip() and json.loads(line.rstrip("\r\n"))
+                    except json.JSONDecodeError as bad:
+                        raise DataError(f"{file}: line {n}: malformed JSON at column {bad.colno}: {bad.msg}") from None
+        raise DataError(f"{file}: {builder} could not read it: {str(e).splitlines()[0]}") from e
 
 
 def _collect(name: str, split: str, files, parse, keep=lambda i: True) -> list[dict]:

@@ -13,11 +13,13 @@ says it evaluates nothing of it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from data import DataError, check_conversation, check_text, where
 
-EXTENSIONS = (".json", ".jsonl", ".parquet")
+log = logging.getLogger("train")
+EXTENSIONS = (".json", ".jsonl", ".parquet")  # matched case-insensitively
 KEYS = {"prompt_key": "prompt", "response_key": "response", "chosen_key": "chosen", "rejected_key": "rejected"}
 HOLDOUT = 20  # rows with index % 20 == 19 are "test"
 
@@ -37,6 +39,11 @@ def _json_lines(path: str, text: str) -> list[tuple[int, object]]:
 
 def _read(path: str, ext: str) -> list[tuple[int, object]]:
     """[(row number as people count it, parsed object)] in file order."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:4] == b"PAR1" and ext != ".parquet":  # parquet's magic bytes: the content decides, not the name
+        log.warning(f"{path}: a parquet file named {ext}: read as parquet")
+        ext = ".parquet"
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
@@ -45,8 +52,13 @@ def _read(path: str, ext: str) -> list[tuple[int, object]]:
         except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
             raise DataError(f"{path}: not a readable parquet file: {e}") from None
         return list(enumerate(table.to_pylist(), start=1))
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is no content
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: line {line}, column {column}: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                        f"(save the file as UTF-8)") from None
     if ext == ".json" and text.lstrip().startswith("["):  # a JSON list of objects; else JSON lines
         try:
             return list(enumerate(json.loads(text), start=1))

@@ -19,9 +19,17 @@ IGNORE = -100
 PLAIN_ROLES = {"system": "", "user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], place: str | None = None) -> list[int]:
+    """The chat-templated prompt, ending with the assistant's turn opening. A conversation the
+    model's template refuses (many require strict user/assistant alternation: no leading
+    assistant turn, no two user turns in a row) stops the run naming the row (``place``)."""
     if tokenizer.chat_template:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and the like
+            roles = " -> ".join(m["role"] for m in messages)
+            raise DataError(f"{place or 'a prompt'}: the model's chat template cannot render this conversation "
+                            f"(roles {roles}): {e}; fix or drop the row, or merge consecutive turns of one role") from None
         return list(out)
     text = "".join(PLAIN_ROLES[m["role"]] + m["content"] for m in messages) + "\n\nAssistant:"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -69,7 +77,8 @@ def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "
     stats, examples = Counter(), []
     for i, row in enumerate(rows, start=1):
         place = origin(row, source, i)
-        kept = fit(prompt_ids(tokenizer, row["prompt"]), [response_ids(tokenizer, row["response"])], limits, stats, place, mode)
+        kept = fit(prompt_ids(tokenizer, row["prompt"], place), [response_ids(tokenizer, row["response"])], limits, stats,
+                   place, mode)
         if kept is None:
             continue
         p, (r,) = kept
@@ -86,7 +95,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str =
     for i, row in enumerate(rows, start=1):
         place = origin(row, source, i)
         replies = [response_ids(tokenizer, row["chosen"]), response_ids(tokenizer, row["rejected"])]
-        kept = fit(prompt_ids(tokenizer, row["prompt"]), replies, limits, stats, place, mode)
+        kept = fit(prompt_ids(tokenizer, row["prompt"], place), replies, limits, stats, place, mode)
         if kept is None:
             continue
         p, (c, r) = kept
@@ -107,7 +116,8 @@ def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str
     room for a response: it is held to ``max_prompt_length``."""
     stats, examples = Counter(), []
     for i, row in enumerate(rows, start=1):
-        kept = fit(prompt_ids(tokenizer, row["prompt"]), [], limits, stats, origin(row, source, i), mode)
+        place = origin(row, source, i)
+        kept = fit(prompt_ids(tokenizer, row["prompt"], place), [], limits, stats, place, mode)
         if kept is None:
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "origin")}

@@ -122,6 +122,12 @@ def test_hh_unparseable_rows(tmp_path):
     msg = error(hub.hh, "train", str(tmp_path))
     assert file in msg and "row 1" in msg and "'rejected'" in msg
 
+    import gzip
+
+    with gzip.open(file, "wt") as f:  # a line that is not JSON at all, in the hub's layout
+        f.write(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"chosen": "Hi", "rejected": \n')
+    assert error(hub.hh, "train", str(tmp_path)) == f"{file}: line 3: malformed JSON at column 30: Expecting value"
+
     assert "no file matches" in error(hub.hh, "test", str(tmp_path))
     assert "expected a directory" in error(hub.hh, "train", file)
     assert "split 'validation'" in error(hub.hh, "validation", str(tmp_path))

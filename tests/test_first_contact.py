@@ -112,3 +112,50 @@ def test_a_used_run_dir_is_refused_before_any_model_is_built(tmp_path, monkeypat
     monkeypatch.setattr(models, "load_model", refuse)
     with pytest.raises(models.ConfigError, match="already holds checkpoints: pass resume=true or another run_dir"):
         TRAINERS["SFTTrainer"](make_cfg(*fast_overrides(run_dir)), torch.device("cpu"))
+
+
+def test_file_encodings_and_formats_users_bring(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data import DataError, load_rows
+
+    rows = [{"prompt": f"say {i}", "response": f"{i}"} for i in range(20)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    want = [r["response"] for r in rows[:19]]  # row 20 is the held-out one
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [r["response"] for r in load_rows(str(bom), "train", "sft")] == want
+    upper = tmp_path / "UPPER.JSONL"
+    upper.write_text(text)
+    assert [r["response"] for r in load_rows(str(upper), "train", "sft")] == want
+    disguised = tmp_path / "really_parquet.jsonl"
+    pq.write_table(pa.Table.from_pylist(rows), disguised)
+    assert [r["response"] for r in load_rows(str(disguised), "train", "sft")] == want
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(text.encode() + json.dumps({"prompt": "caf", "response": "x"}).encode()[:-3] + b"\xe9\"}\n")
+    with pytest.raises(DataError) as e:
+        load_rows(str(latin1), "train", "sft")
+    assert str(e.value) == f"{latin1}: line 21, column 32: byte 0xe9 is not UTF-8 (save the file as UTF-8)"
+
+
+def test_a_conversation_the_chat_template_refuses_names_its_row(tmp_path):
+    from transformers import AutoTokenizer
+
+    import models
+    from data import DataError
+    from data.tokenize import tokenize_sft
+
+    tok = AutoTokenizer.from_pretrained(models.REPO / "tokenizer" / "tiny")
+    # the strict alternation check of Llama-2 / Mistral style templates
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "response": "yo", "origin": "hh.jsonl row 1"},
+            {"prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "response": "c",
+             "origin": "hh.jsonl row 2"}]
+    limits = make_cfg()
+    with pytest.raises(DataError) as e:
+        tokenize_sft(rows, tok, limits, "hh")
+    assert str(e.value).startswith("hh.jsonl row 2: the model's chat template cannot render this conversation "
+                                   "(roles user -> user): Conversation roles must alternate")
