@@ -70,6 +70,9 @@ def test_override_mistakes_name_the_closest_key_or_the_equivalent():
     argv = ["trainer=FSDPTrainer", "loss=dpo", "+loss.bta=0.1", "+model.init.rope_theta=1e4", "data.paths.hh=/x"]
     assert overrides.check(argv, warn=warned.append) == argv[1:]  # FSDPTrainer is what runs anyway
     assert len(warned) == 2 and "+loss.bta=0.1 adds the key loss.bta" in warned[1]
+    # every key the code reads is in a config file, so setting it needs no +
+    assert overrides.check(["wandb.id=abc", "model.load_dtype=bfloat16"], warn=warned.append) == [
+        "wandb.id=abc", "model.load_dtype=bfloat16"] and len(warned) == 2
     assert overrides.epochs_to_examples("epoch_3", 100) == 300 and overrides.epochs_to_examples(640, 100) == 640
     with pytest.raises(overrides.OverrideError, match="save_every=every_3"):
         overrides.epochs_to_examples("every_3", 100)
