@@ -217,7 +217,8 @@ def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, devi
 # --- the run -------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The exit code: 1 when no pair was kept (an empty --out is no data set), else 0."""
     args = parse(argv)
     rows = load_pairs(args.input)  # bad input stops here, before anything is loaded
     judge_cfg = judge_config(args.judge)
@@ -225,7 +226,7 @@ def main(argv=None):
     device = distributed.init()
     rank, world = distributed.rank(), distributed.world()
     work_dir = Path(args.out).with_name(Path(args.out).name + ".judge")  # vLLM's model dir, for a judge without one
-    sampler = None
+    sampler, kept = None, None
     try:
         tokenizer = models.load_tokenizer(judge_cfg)
         prompts, too_long = my_prompts(tokenizer, rows, rank, world, args)
@@ -241,6 +242,7 @@ def main(argv=None):
             summary = write(args.out, parts, len(rows))
             print(json.dumps({"out": args.out, "sampler": name, "ranks": world, **summary}))
             warn(summary)
+            kept = summary["pairs"]
     finally:
         if sampler is not None:
             sampler.close()  # a vLLM engine takes the process group down with it
@@ -248,6 +250,7 @@ def main(argv=None):
             distributed.close()
     if rank == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
+    return 1 if kept == 0 else 0
 
 
 def my_prompts(tokenizer, rows: list[dict], rank: int, world: int, args) -> tuple[dict[int, list], list[int]]:
@@ -265,7 +268,7 @@ def my_prompts(tokenizer, rows: list[dict], rank: int, world: int, args) -> tupl
 
 def warn(summary: dict):
     if summary["pairs"] == 0:
-        print("warning: no pair was kept (see ties / below_min_confidence / too_long)", file=sys.stderr)
+        print("error: no pair was kept (see ties / below_min_confidence / too_long in the summary above)", file=sys.stderr)
     if summary["mean_prob_on_choices"] < 0.5:
         print(f"warning: the judge puts {summary['mean_prob_on_choices']:.3f} of its next-token probability on "
               f"{' / '.join(LABELS)} on average: it may not follow the answer format (a base model? "
@@ -289,4 +292,4 @@ def write(out: str, parts: list, n_rows: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

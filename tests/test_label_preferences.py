@@ -254,6 +254,14 @@ def test_config_judge_in_one_process_skips_long_prompts(tmp_path, capsys):
     assert all(r["judge"] == "tiny" for r in records) and not dist.is_initialized()
 
 
+def test_no_pair_kept_is_an_error_exit(tmp_path, capsys):
+    inp, out = write_jsonl(tmp_path / "pairs.jsonl", ROWS), tmp_path / "out.jsonl"
+    code = lp.main(["--judge", "tiny", "--input", str(inp), "--out", str(out), "--sampler", "hf", "--principle", "P",
+                    "--min-confidence", "1.0"])  # no judge is ever certain
+    assert code == 1 and "error: no pair was kept" in capsys.readouterr().err
+    assert lp.main(["--judge", "tiny", "--input", str(inp), "--out", str(out), "--sampler", "hf", "--principle", "P"]) == 0
+
+
 BAD = [  # (file name, lines, what the message must name)
     ("missing.jsonl", [{"prompt": "q", "response_a": "x"}], "missing.jsonl: row 1: field 'response_b': missing"),
     ("json.jsonl", [ROWS[0], '{"prompt": "q", "response_a": '], "json.jsonl: row 2: malformed JSON"),
