@@ -105,7 +105,7 @@ def load_model(model_cfg, device: torch.device, seed: int = 0, head: str = "caus
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if path is not None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False  # packing needs it off; generation turns it back on
@@ -227,7 +227,7 @@ def load_reward_model(model_cfg, device: torch.device, seed: int = 0) -> RewardM
     path = weights_path(model_cfg)
     lm = load_model(model_cfg, device, seed=seed)
     rm = RewardModel(lm, seed=seed)
-    if path is not None and (AutoConfig.from_pretrained(path).architectures or [""])[0].endswith("ForSequenceClassification"):
+    if path is not None and (lm.config.architectures or [""])[0].endswith("ForSequenceClassification"):
         from transformers import AutoModelForSequenceClassification
 
         trained = AutoModelForSequenceClassification.from_pretrained(path, dtype=lm.dtype)

@@ -71,15 +71,15 @@ def check(argv: list[str], warn=print) -> list[str]:
             continue
         if bare in DPO_REPO:
             raise OverrideError(f"{bare}= (a DPO-repo option) does not exist here: {DPO_REPO[bare]}")
-        (groups if bare in GROUPS else others).append((arg, key, bare))
+        if bare in GROUPS:
+            if not (CONFIG_DIR / bare / f"{value}.yaml").exists():
+                have = sorted(p.stem for p in (CONFIG_DIR / bare).glob("*.yaml"))
+                raise OverrideError(f"{arg}: there is no config/{bare}/{value}.yaml; choose one of {', '.join(have)}")
+            groups.append(arg)
+        else:
+            others.append((arg, key, bare))
         kept.append(arg)
-    for name in GROUPS:
-        for arg, _, bare in groups:
-            if bare == name and not (CONFIG_DIR / name / f"{arg.split('=', 1)[1]}.yaml").exists():
-                have = sorted(p.stem for p in (CONFIG_DIR / name).glob("*.yaml"))
-                raise OverrideError(f"{arg}: there is no config/{name}/{arg.split('=', 1)[1]}.yaml; "
-                                    f"choose one of {', '.join(have)}")
-    cfg = compose([arg for arg, _, _ in groups])
+    cfg = compose(groups)
     keys = known_keys(cfg)
     # keys of the other loss files: loss.beta under loss=sft is a known key of the wrong loss
     elsewhere: dict[str, list[str]] = {}

@@ -1178,7 +1178,7 @@ class RLTrainer(RolloutTrainer):
         logits = self.policy_logits(self.model, batch)
         logps, mask = target_logps(logits, batch["targets"])
         weights = aggregation_weights(mask, batch["seq_ids"], n, loss.aggregation, loss.sampling.max_new_tokens)
-        units = mask.sum() if loss.aggregation == "token_mean" else n
+        units = sum(self.units(ex) for ex in examples)
         tokens = mask.sum()
         if loss.sequence_level:
             per_seq, stats = sequence_ppo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n,

@@ -10,6 +10,8 @@ warning; rows that do not have the dataset's format raise ``DataError`` naming f
 from __future__ import annotations
 
 import glob
+import gzip
+import json
 import logging
 import os
 import re
@@ -52,9 +54,6 @@ def _load_local(builder: str, file: str) -> datasets.Dataset:
         return datasets.load_dataset(builder, data_files=file, split="train")
     except Exception as e:
         if builder == "json":
-            import gzip
-            import json
-
             opener = gzip.open if file.endswith(".gz") else open
             with opener(file, "rt", encoding="utf-8", errors="replace") as f:
                 for n, line in enumerate(f, start=1):

@@ -40,8 +40,8 @@ def _json_lines(path: str, text: str) -> list[tuple[int, object]]:
 def _read(path: str, ext: str) -> list[tuple[int, object]]:
     """[(row number as people count it, parsed object)] in file order."""
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:4] == b"PAR1" and ext != ".parquet":  # parquet's magic bytes: the content decides, not the name
+        magic = f.read(4)
+    if magic == b"PAR1" and ext != ".parquet":  # parquet's magic bytes: the content decides, not the name
         log.warning(f"{path}: a parquet file named {ext}: read as parquet")
         ext = ".parquet"
     if ext == ".parquet":
@@ -52,6 +52,8 @@ def _read(path: str, ext: str) -> list[tuple[int, object]]:
         except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
             raise DataError(f"{path}: not a readable parquet file: {e}") from None
         return list(enumerate(table.to_pylist(), start=1))
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is no content
     except UnicodeDecodeError as e:
