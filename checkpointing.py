@@ -1,25 +1,39 @@
-"""Sharded checkpoints that are either complete or absent, and the Hugging Face export.
+"""Sharded checkpoints that are either complete or absent, the Hugging Face export, and the lock
+that keeps one job at a time in a run_dir.
 
 ``step-<N>/`` holds the model and optimizer as a ``torch.distributed.checkpoint`` (each rank writes
-its own shards), every rank's RNG state, and ``trainer_state.json`` (step, counters, scheduler).
-Everything is written into ``step-<N>.tmp/`` first; rank 0 renames it to ``step-<N>/`` only after
-every rank has finished, and the rename is atomic, so a directory named ``step-<N>`` is always
-complete and a run killed mid-save resumes from the previous one.
+its own shards), every rank's RNG state, ``trainer_state.json`` (step, counters, scheduler, the
+config) and ``manifest.json``: every file of the checkpoint with its size. Everything is written
+into ``step-<N>.tmp/`` first; rank 0 writes the manifest and renames the directory to ``step-<N>/``
+only after every rank has finished, and the rename is atomic, so a run killed mid-save resumes
+from the previous checkpoint. A checkpoint counts as complete only if every file its manifest
+lists is there with the size it had when written (a file truncated or lost since, by a full disk
+or a broken filesystem, is found before anything is loaded).
+
+A write that fails (disk full, I/O error, permissions) on any rank stops every rank with one
+``RunDirError`` that names the path, the error and the free space; the partial ``.tmp`` is
+removed and the previous checkpoints are not touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,8 +43,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 import distributed
 
+log = logging.getLogger("train")
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+EXPORTED = "checkpoint.json"  # in an export (LATEST/): {"step": N}, the checkpoint whose weights it holds
+LOCK_FILE = "lock"
+
+
+class RunDirError(Exception):
+    """run_dir cannot be used as asked: another job holds it, a write into it failed, or it has
+    checkpoints but none is complete. The message says what, where, and how to go on."""
 
 
 def rng_state() -> dict:
@@ -64,22 +88,105 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
     optimizer)} of models trained alongside, saved in the same checkpoint."""
     final = Path(run_dir) / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
+    failure = None
     if distributed.is_main() and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run that died while saving
-    distributed.barrier()
-    dcp.save(_states(model, optimizer, extra), checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
-    distributed.barrier()
+        failure = _attempt(tmp, shutil.rmtree, tmp)  # left by a run that died while saving
+    _agree(failure, tmp)
+    # collective: a write that fails on one rank raises on every rank
+    failure = _attempt(tmp, dcp.save, _states(model, optimizer, extra), checkpoint_id=str(tmp))
+    if failure is None:
+        failure = _attempt(tmp, torch.save, rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
+    _agree(failure, tmp)
     if distributed.is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep:
-            for old in complete(run_dir)[:-keep]:
-                shutil.rmtree(old)
-    distributed.barrier()
+        failure = _attempt(tmp, _seal, tmp, final, trainer_state)
+        if failure is None and keep:
+            prune(run_dir, keep)
+    _agree(failure, tmp)
     return final
+
+
+def _seal(tmp: Path, final: Path, trainer_state: dict):
+    """Rank 0, once every rank has written its files: the state, the manifest, the rename."""
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    if final.exists():  # a damaged checkpoint of the same step, which the run resumed before
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def prune(run_dir: str | Path, keep: int):
+    """Rank 0: delete every checkpoint older than the newest ``keep`` complete ones. A failure is
+    only warned about: the checkpoint just written is complete, and the next save tries again."""
+    kept = complete(run_dir)[-keep:]
+    if not kept:
+        return
+    for old in checkpoints(run_dir):
+        if step_of(old) < step_of(kept[0]):
+            try:
+                shutil.rmtree(old)
+            except OSError as exc:
+                log.warning(f"could not delete the old checkpoint {old}: {exc}")
+
+
+def _attempt(path: Path, write, *args, **kwargs) -> str | None:
+    """Run ``write``; None, or what failed (``write_failure``) if it raised."""
+    try:
+        write(*args, **kwargs)
+        return None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        return write_failure(path, exc)
+
+
+def _agree(failure: str | None, tmp: Path):
+    """Collective: if a write failed on any rank, every rank raises its message; rank 0 first
+    removes the partial ``tmp``, so that only complete checkpoints and exports stay."""
+    failure = distributed.first_failure(failure)
+    if failure is None:
+        return
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise RunDirError(f"{failure}; removed the partial {tmp.name}, the previous checkpoints are untouched: "
+                      f"free space (or fix the permissions) and run again with resume=true")
+
+
+def write_failure(path: str | Path, exc: BaseException) -> str:
+    """``cannot write <path>: <the OS's error> (<free space> free there)``. torch's own writer
+    reports a full disk as "unexpected pos 704 vs 598": the OS error it hides is in the context."""
+    cause, seen = exc, exc
+    if isinstance(exc, CheckpointException) and exc.failures:
+        cause = seen = next(iter(exc.failures.values()))[0]
+    while seen is not None and not isinstance(cause, OSError):
+        seen = seen.__cause__ or seen.__context__
+        if isinstance(seen, OSError):
+            cause = seen
+    said = (str(cause).splitlines() or [type(cause).__name__])[0]
+    return f"cannot write {path}: {said} ({free_space(path)} free there)"
+
+
+def free_space(path: str | Path) -> str:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """A write of this rank alone (metrics, config): its OSError as a ``RunDirError`` naming the
+    path, the error and the free space."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunDirError(f"{write_failure(path, exc)}: free space (or fix the permissions) and run again "
+                          f"with resume=true") from exc
 
 
 def write_jsonl(path: str | Path, rows: list[dict]):
@@ -91,14 +198,67 @@ def write_jsonl(path: str | Path, rows: list[dict]):
     os.replace(tmp, path)
 
 
+def truncate_jsonl(path: str | Path, n: int) -> int:
+    """Keep the first ``n`` lines of a JSON-lines file (atomically: a kill leaves the old file or
+    the new); returns how many lines it had."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines[:n]))
+    os.replace(tmp, path)
+    return len(lines)
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every ``step-<N>`` directory of a run, complete or not, oldest first."""
+    found = [p for p in Path(run_dir).glob("step-*") if STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(found, key=step_of)
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint ``path`` is not complete, or None if every file its manifest lists is
+    there with the size it was written with."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{path / MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path / MANIFEST} cannot be read ({exc})"
+    for name, size in files.items():
+        try:
+            found = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"{path / name} is missing"
+        if found != size:
+            return f"{path / name} has {found} bytes, {size} when it was written"
+    return None
+
+
 def complete(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    found = []
-    for p in Path(run_dir).glob("step-*"):
-        m = STEP_DIR.match(p.name)
-        if m and (p / STATE_FILE).exists():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    return [p for p in checkpoints(run_dir) if damage(p) is None]
+
+
+def resumable(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, warning (rank 0) of each damaged one newer than it; None
+    if run_dir has no checkpoint at all; a ``RunDirError`` if it has some but none is complete."""
+    found = checkpoints(run_dir)
+    damaged = []
+    for path in reversed(found):
+        why = damage(path)
+        if why is None:
+            return path
+        damaged.append(f"{path.name}: {why}")
+        if distributed.is_main():
+            log.warning(f"checkpoint {path} is damaged ({why}): resuming from the one before it")
+    if found:
+        raise RunDirError(f"resume=true but no checkpoint in run_dir={run_dir} is complete ({'; '.join(damaged)}): "
+                          f"restore the damaged files, or start again in another run_dir")
+    return None
 
 
 def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
@@ -106,7 +266,11 @@ def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
     returns the trainer state."""
     path = Path(path)
     state = _states(model, optimizer, extra)
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as exc:  # its message is every rank's traceback; the first error says it
+        cause = next(iter(exc.failures.values()))[0] if exc.failures else exc
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(cause).__name__}: {cause}") from exc
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     for name, (m, o) in (extra or {}).items():
         set_state_dict(m, o, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
@@ -121,13 +285,16 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None):
-    """Rank 0: a ``from_pretrained`` directory (sharded safetensors, config, tokenizer), written
-    beside the target and swapped in, so a reader never sees a half-written export."""
+def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None, step: int | None = None):
+    """Rank 0: a ``from_pretrained`` directory (sharded safetensors, config, tokenizer; with
+    ``step``, ``checkpoint.json`` naming the checkpoint it is), written beside the target and
+    swapped in, so a reader never sees a half-written export."""
     from huggingface_hub import save_torch_state_dict
 
     out = Path(out_dir)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if old.exists() and not out.exists():  # a swap cut short by a kill: the previous export stays until this is done
+        os.replace(old, out)
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)
@@ -142,11 +309,29 @@ def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_c
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if step is not None:
+        (tmp / EXPORTED).write_text(json.dumps({"step": step}) + "\n")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old)
+
+
+def exported_step(out_dir: str | Path) -> int | None:
+    """The step of the checkpoint an export holds (``write_hf(step=...)``), None if unknown."""
+    try:
+        return json.loads((Path(out_dir) / EXPORTED).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def on_main(out_dir: str | Path, write, *args, **kwargs):
+    """Collective: rank 0 runs ``write(*args, **kwargs)``, an export into ``out_dir``; if it fails,
+    every rank raises a ``RunDirError`` and the partial ``<out_dir>.tmp`` is removed."""
+    out = Path(out_dir)
+    failure = _attempt(out, write, *args, **kwargs) if distributed.is_main() else None
+    _agree(failure, out.with_name(out.name + ".tmp"))
 
 
 def hf_config(model):
@@ -158,7 +343,7 @@ def hf_config(model):
     return config
 
 
-def export_hf(model, tokenizer, out_dir: str | Path):
+def export_hf(model, tokenizer, out_dir: str | Path, step: int | None = None):
     """Collective: export a causal LM for ``AutoModelForCausalLM.from_pretrained``."""
     weights = full_state_dict(model)
     if distributed.is_main():
@@ -166,5 +351,37 @@ def export_hf(model, tokenizer, out_dir: str | Path):
         if model.config.tie_word_embeddings and isinstance(tied, dict):
             for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load
                 weights.pop(key, None)
-        write_hf(out_dir, weights, hf_config(model), tokenizer, getattr(model, "generation_config", None))
-    distributed.barrier()
+    on_main(out_dir, write_hf, out_dir, weights, hf_config(model), tokenizer, getattr(model, "generation_config", None),
+            step=step)
+
+
+def lock(run_dir: str | Path):
+    """Collective: rank 0 takes an exclusive lock on ``run_dir/lock`` and holds it while it keeps
+    the returned file open, and writes there who holds it; every rank raises a ``RunDirError``
+    naming the holder if another process has it. The kernel drops the lock when its process ends,
+    however it ends, so a job that died leaves nothing in the way."""
+    held, refusal = None, None
+    if distributed.is_main():
+        path = Path(run_dir) / LOCK_FILE
+        held = open(path, "a+")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.seek(0)
+            holder = held.read().strip() or "another process"
+            held.close()
+            held = None
+            refusal = (f"run_dir={run_dir} is in use by {holder} (it holds {path}): wait for that job to end or "
+                       f"stop it, or give this run another run_dir")
+        except OSError as exc:  # a filesystem without flock (Lustre mounted without -o flock)
+            log.warning(f"cannot lock {path} ({exc}): nothing stops a second job from using this run_dir at once")
+        else:
+            job = os.environ.get("SLURM_JOB_ID")
+            held.truncate(0)
+            held.write(f"pid {os.getpid()} on {socket.gethostname()}{f' (slurm job {job})' if job else ''}, "
+                       f"started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            held.flush()
+    refusal = distributed.from_main(refusal)
+    if refusal is not None:
+        raise RunDirError(refusal)
+    return held

@@ -7,10 +7,14 @@ path runs everywhere. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ def init(timeout_minutes: float = 30, init_method: str | None = None, rank: int 
     """Join (or form) the process group and return this rank's device."""
     if dist.is_initialized():
         return device()
+    die_with_launcher()
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     cuda = torch.cuda.is_available()
@@ -39,6 +44,40 @@ def init(timeout_minutes: float = 30, init_method: str | None = None, rank: int 
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(**kwargs)
     return device()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher():
+    """Under torchrun, end this rank the moment torchrun ends. torchrun starts every rank in a
+    session of its own, so a SIGKILL of torchrun (kill -9 of the job's process group, the OOM
+    killer) used to leave the ranks running on, writing checkpoints into a run_dir that a
+    relaunched job may already be using. The rank writes nothing more: checkpoints are atomic, so
+    the run resumes from the last complete one. Linux: the kernel's parent-death signal; elsewhere
+    a thread that watches the parent pid."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # a world of one started from a shell: its parent's death is no reason to stop
+    launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError):
+        threading.Thread(target=_exit_when_orphaned, args=(launcher,), daemon=True, name="launcher-watch").start()
+    if launcher == 1 or os.getppid() != launcher:  # it died before the signal was armed
+        _exit_orphaned()
+
+
+def _exit_when_orphaned(launcher: int):
+    while os.getppid() == launcher:
+        time.sleep(1)
+    _exit_orphaned()
+
+
+def _exit_orphaned():
+    print(f"[rank {os.environ.get('RANK', '?')}] torchrun is gone: exiting", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGKILL)
 
 
 def device() -> torch.device:
@@ -66,6 +105,27 @@ def lost_peer(exc: BaseException) -> bool:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def first_failure(failure: str | None) -> str | None:
+    """Collective: the first rank's (lowest rank's) non-None ``failure``, the same on every rank,
+    or None if no rank failed: so that a step that failed on one rank (a write that hit a full
+    disk) stops every rank at the same point, with one message, instead of leaving the others in
+    the next collective."""
+    if world() == 1:
+        return failure
+    found = [None] * world()
+    dist.all_gather_object(found, failure)
+    return next((f for f in found if f is not None), None)
+
+
+def from_main(value):
+    """Collective: rank 0's ``value`` on every rank (what it alone may decide, as holding a lock)."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rank() -> int:
@@ -97,12 +157,15 @@ def _all_reduce(values: list[float], dev: torch.device, op) -> list[float]:
     return t.tolist()
 
 
-def setup_logging(log_file: str | None = None):
-    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks only warnings, tagged with their rank."""
+def setup_logging(log_file: str | None = None, debug: bool = False):
+    """Rank 0 logs the run's INFO lines to stdout (and ``log_file``); other ranks only warnings,
+    tagged with their rank. Libraries' INFO lines ("Model weights successfully saved to <tmp>!"
+    per export, ...) only with ``debug``."""
     fmt = "%(asctime)s %(message)s" if is_main() else f"[rank {rank()}] %(asctime)s %(levelname)s %(message)s"
     handlers = [logging.StreamHandler(sys.stdout if is_main() else sys.stderr)]
     if log_file and is_main():
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
+    ours = logging.INFO if is_main() else logging.WARNING
+    logging.basicConfig(level=ours if debug else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
-    logging.getLogger("huggingface_hub").setLevel(logging.WARNING)  # one line per export otherwise
+    log.setLevel(ours)

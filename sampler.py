@@ -42,6 +42,7 @@ import logging
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,17 @@ def _vllm_env():
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no telemetry thread phoning home from training jobs
 
 
+def quiet_vllm():
+    """vLLM's own lines, unless debug: INFO about its build and one per reset_prefix_cache (i.e.
+    per weight sync), and warnings this module already handles (CPU thread binding, which
+    ``contained`` restores; tcmalloc/iomp preloads; Triton on CPU; a deprecated torch alias)."""
+    # vLLM re-applies its logging config from this variable while it builds an engine
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    logging.getLogger("torch._library").setLevel(logging.ERROR)  # "Triton not available"
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
 def vllm_available() -> bool:
     """Whether ``import vllm`` works here (it fails, e.g., with a CUDA torchvision next to CPU torch)."""
     _vllm_env()
@@ -474,6 +486,8 @@ class VLLMSampler(Sampler):
         if not dist.is_initialized():
             raise RuntimeError("VLLMSampler joins the training process group: call distributed.init() first")
         _vllm_env()
+        if not debug:
+            quiet_vllm()
         self.rank = dist.get_rank()
         self.bucket_bytes = int(sync_bucket_mb * 2**20)
         self.sleep_mode = bool(sleep_mode) and torch.cuda.is_available()
@@ -504,8 +518,6 @@ class VLLMSampler(Sampler):
                 generation_config="vllm",  # a checkpoint's sampling defaults must not override ours
             )
             self.rng = PrivateRNG(None)  # the stream vLLM seeded with seed + rank: its sampling runs on it
-        if not debug:  # vLLM's INFO lines (one per reset_prefix_cache, i.e. per weight sync) drown the log
-            logging.getLogger("vllm").setLevel(logging.WARNING)
         self.on_cpu = current_platform.is_cpu()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self.sync_stats: dict = {}

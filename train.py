@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import checkpointing
 import distributed
+from data import check_files
 
 log = logging.getLogger("train")
 
@@ -42,13 +43,15 @@ def report_lost_peer(cfg, trainer, exc: BaseException):
 
 
 def user_error(exc: BaseException, building: bool) -> bool:
-    """A mistake in the config, data, paths or model a user gave, not a bug: the data and model
-    errors the project raises anywhere, and any ValueError while the trainer is being built
-    (config checks, data loading, model building: nothing has been computed yet)."""
+    """A mistake in the config, data, paths or model a user gave, or a run_dir that cannot be used
+    (held by another job, a full disk), not a bug: the data, model and run_dir errors the project
+    raises anywhere, and any ValueError while the trainer is being built (config checks, data
+    loading, model building: nothing has been computed yet)."""
     from data import DataError
     from models import ConfigError
 
-    return isinstance(exc, (DataError, ConfigError)) or (building and isinstance(exc, (ValueError, FileNotFoundError)))
+    known = (DataError, ConfigError, checkpointing.RunDirError)
+    return isinstance(exc, known) or (building and isinstance(exc, (ValueError, FileNotFoundError)))
 
 
 def report_user_error(exc: BaseException):
@@ -65,15 +68,19 @@ def report_user_error(exc: BaseException):
 
 def main(cfg):
     device = distributed.init(cfg.dist_timeout_minutes)
-    trainer, group_intact = None, True
+    trainer, group_intact, lock = None, True, None
     try:
-        distributed.setup_logging(None)
+        distributed.setup_logging(None, cfg.debug)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        # held until this process ends; taken before train.log, so a job turned away writes nothing there
+        lock = checkpointing.lock(cfg.run_dir)
+        distributed.setup_logging(os.path.join(cfg.run_dir, "train.log"), cfg.debug)
+        # a bad local file stops the run before the slow imports (vLLM, the trainers: ~4 s)
+        check_files(cfg.datasets, {k: v for k, v in cfg.data.columns.items() if v is not None})
         from trainers import TRAINERS
 
         if cfg.loss.trainer not in TRAINERS:
             raise ValueError(f"loss.trainer={cfg.loss.trainer!r} is not one of {sorted(TRAINERS)}")
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        distributed.setup_logging(os.path.join(cfg.run_dir, "train.log"))
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
     except BaseException as exc:
@@ -91,6 +98,8 @@ def main(cfg):
         if group_intact and trainer is not None and trainer.sampler is not None:
             trainer.sampler.close()  # collective; vLLM's shutdown takes the process group down with it
         distributed.close(group_intact)
+        if lock is not None:
+            lock.close()
 
 
 @hydra.main(version_base=None, config_path="config", config_name="config")

@@ -46,6 +46,33 @@ from sampler import SamplingParams, build_sampler, reshard
 
 log = logging.getLogger("train")
 
+# Config keys that may differ when a run resumes: they change how long it trains (the schedule then
+# follows the new length), what it evaluates, logs and keeps, or how it is launched, but not what
+# the steps it has done would compute. Every other key (loss, model, data, batch sizes, lr and
+# schedule, seed, lengths, sampler, ...) must equal what the checkpoint was trained with.
+MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start", "eval_at_end", "eval_sampling",
+                        "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
+                        "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
+                        "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check")
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """``key=<saved> (now <now>)`` for every key outside ``MAY_CHANGE_ON_RESUME`` whose value differs."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def may_change(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME)
+
+    a, b = flat(saved), flat(now)
+    unset = "(unset)"
+    return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
+            if not may_change(k) and a.get(k, unset) != b.get(k, unset)]
+
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     """Linear warmup from 0, then cosine decay to ``min_ratio`` of the peak at ``total_steps``."""
@@ -98,8 +125,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.check_config()
         self.packs = cfg.packing in (True, "auto")  # build_model turns it off for a model that cannot pack (auto)
-        if not cfg.resume and checkpointing.complete(self.run_dir):  # before anything is loaded or built
-            raise models.ConfigError(f"run_dir={self.run_dir} already holds checkpoints: pass resume=true or another run_dir")
+        self.resume_from = self.checkpoint_to_resume()  # before anything is loaded or built
         self.tokenizer = models.load_tokenizer(cfg.model)
         # data before the model: bad input stops the run before any compute is spent
         self.train_examples = self.load_examples("train")
@@ -185,9 +211,9 @@ class Trainer:
         """Clip and apply the gradients of one update; returns its metrics."""
         return {"grad_norm": self.clip_and_step(self.model, self.optimizer, self.scheduler)}
 
-    def export(self, out_dir: Path):
-        """Collective: the Hugging Face directory the next stage loads."""
-        checkpointing.export_hf(self.model, self.tokenizer, out_dir)
+    def export(self, out_dir: Path, step: int | None = None):
+        """Collective: the Hugging Face directory the next stage loads (``step``: the checkpoint it is)."""
+        checkpointing.export_hf(self.model, self.tokenizer, out_dir, step=step)
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -204,6 +230,31 @@ class Trainer:
             raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and
+        the config it was trained with are checked; without ``resume=true``, run_dir must hold none."""
+        if not self.cfg.resume:
+            if checkpointing.checkpoints(self.run_dir):
+                raise models.ConfigError(f"run_dir={self.run_dir} already holds checkpoints: pass resume=true or "
+                                         f"another run_dir")
+            return None
+        path = checkpointing.resumable(self.run_dir)
+        if path is None:
+            return None
+        saved = json.loads((path / checkpointing.STATE_FILE).read_text()).get("config")
+        if saved is None:
+            log.warning(f"{path} records no config (an older checkpoint): resuming without checking that the "
+                        f"config is the one it was trained with")
+            return path
+        differences = config_differences(saved, OmegaConf.to_container(self.cfg, resolve=True))
+        if differences:
+            raise models.ConfigError(
+                f"resume=true: {path} was trained with another config: {', '.join(differences)}. These keys shape "
+                f"what the run computes: resume with the checkpoint's values (its trainer_state.json lists them all), "
+                f"or start a new run_dir (model.archive={self.run_dir / 'LATEST'} starts it from these weights). Keys that may "
+                f"change on resume: {', '.join(MAY_CHANGE_ON_RESUME)}")
+        return path
 
     def load_model(self, model_cfg):
         """The unsharded model, full precision, on CPU."""
@@ -399,22 +450,39 @@ class Trainer:
     # --- preemption ---------------------------------------------------------------------------
 
     def catch_stop_signals(self):
-        """SIGTERM (preemption, scancel) and SIGUSR1 (slurm's warning before the time limit) let the
-        current step finish; then every rank checkpoints and the run stops (see ``stop_requested``).
-        A second signal changes nothing: torchrun forwards what slurm may also deliver directly."""
-        self._stop_signal = 0
+        """SIGTERM (preemption, scancel), SIGINT (Ctrl-C) and SIGUSR1 (slurm's warning before the
+        time limit) let the current step finish; then every rank checkpoints and the run stops (see
+        ``stop_requested``). A repeated signal changes nothing, as one request often arrives twice
+        (slurm signals every process of the step, and torchrun forwards what it gets too); except
+        a Ctrl-C repeated more than a second after a SIGINT, which stops the rank at once, without
+        a checkpoint. torchrun passes a second Ctrl-C on as SIGTERM, so that counts too."""
+        self._stop_signal, self._stop_since = 0, 0.0
 
         def note(signum, frame):
-            self._stop_signal = self._stop_signal or signum
+            now = time.monotonic()
+            if self._stop_signal == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM) \
+                    and now - self._stop_since > 1:
+                if distributed.is_main():
+                    log.warning(f"{signal.Signals(signum).name} after SIGINT: stopping at once, without a checkpoint "
+                                f"(resume=true continues from the last complete one)")
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            if not self._stop_signal:
+                self._stop_signal, self._stop_since = signum, now
+                if distributed.is_main():
+                    again = "; Ctrl-C again to stop at once, without it" if signum == signal.SIGINT else ""
+                    log.warning(f"{signal.Signals(signum).name}: finishing this step, then checkpointing and "
+                                f"stopping{again}")
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, note)
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank if any rank caught a stop signal."""
         agreed = int(distributed.all_max([self._stop_signal], self.device)[0])
         # a signal caught during the all-reduce is not in ``agreed``: keep it for the next step
-        self._stop_signal = self._stop_signal or agreed
+        if agreed and not self._stop_signal:
+            self._stop_signal, self._stop_since = agreed, time.monotonic()
         return bool(agreed)
 
     def requeue(self):
@@ -474,7 +542,10 @@ class Trainer:
         if not distributed.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        with checkpointing.writing(self.run_dir / "config.yaml"):
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            if self.step == 0:  # a fresh start: what a killed run logged before its first checkpoint goes
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         if self.cfg.wandb.enabled:
             import wandb
 
@@ -488,7 +559,7 @@ class Trainer:
             return
         record = {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen, **record}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with checkpointing.writing(self.run_dir / "metrics.jsonl"), open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.metric_lines += 1
         if self.wandb is not None:
@@ -497,14 +568,14 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen,
                 "metric_lines": self.metric_lines, "scheduler": self.scheduler.state_dict(),
-                "world_size": self.world}
+                "world_size": self.world, "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save(self, export: bool):
         path = checkpointing.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                   keep=self.cfg.keep_checkpoints, extra=self.extra_models())
         log.info(f"saved {path}")
         if export:
-            self.export(self.run_dir / "LATEST")
+            self.export(self.run_dir / "LATEST", step=self.step)
 
     def peak_memory_gb(self) -> float:
         """The largest peak over ranks: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
@@ -527,16 +598,26 @@ class Trainer:
         self.metric_lines = state["metric_lines"]
 
     def resume(self):
-        found = checkpointing.complete(self.run_dir)
-        if not found:
+        path = self.resume_from
+        if path is None:
             log.info(f"resume=true but {self.run_dir} has no complete checkpoint: starting fresh")
             return
-        self.restore_state(checkpointing.load(found[-1], self.model, self.optimizer, extra=self.extra_models()))
+        self.restore_state(checkpointing.load(path, self.model, self.optimizer, extra=self.extra_models()))
         if distributed.is_main():  # drop what the killed run logged after its last checkpoint
-            path = self.run_dir / "metrics.jsonl"
-            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-            path.write_text("".join(lines[: self.metric_lines]))
-        log.info(f"resumed from {found[-1]} at step {self.step}")
+            with checkpointing.writing(self.run_dir / "metrics.jsonl"):
+                had = checkpointing.truncate_jsonl(self.run_dir / "metrics.jsonl", self.metric_lines)
+            if had < self.metric_lines:
+                log.warning(f"{self.run_dir / 'metrics.jsonl'} has {had} lines, {self.metric_lines} when {path} was "
+                            f"written: the lines of steps it lost are not written again")
+        log.info(f"resumed from {path} at step {self.step}")
+        # what the killed run may have left undone after writing this checkpoint: LATEST (at the
+        # last step the whole remaining run), and deleting the checkpoints it replaces
+        latest = self.run_dir / "LATEST"
+        if distributed.from_main(checkpointing.exported_step(latest)) != self.step:
+            self.export(latest, step=self.step)
+            log.info(f"exported {latest} (step {self.step})")
+        if distributed.is_main() and self.cfg.keep_checkpoints:
+            checkpointing.prune(self.run_dir, self.cfg.keep_checkpoints)
 
 
 class SFTTrainer(Trainer):
@@ -629,12 +710,11 @@ class PreferenceTrainer(PairTrainer):
         if not self.needs_reference or self.reference is not None:
             return
         path = self.run_dir / "reference_logps.pt"
-        distributed.barrier()  # every rank looks before rank 0 may write it
-        if path.exists():
+        if self.step > 0:
+            if not path.exists():
+                raise RuntimeError(f"resuming at step {self.step} but {path} is missing: the reference is gone")
             saved = torch.load(path)
-        elif self.step > 0:
-            raise RuntimeError(f"resuming at step {self.step} but {path} is missing: the reference is gone")
-        else:
+        else:  # a fresh start computes it, whatever a killed run (maybe with another config) left
             used = sorted({i for step in range(self.total_steps) for i in self.global_batch(step)})
             saved = {"train": dict(zip(used, self.pair_logps([self.train_examples[i] for i in used]))),
                      "eval": dict(enumerate(self.pair_logps(self.eval_examples)))}
@@ -651,10 +731,12 @@ class PreferenceTrainer(PairTrainer):
         """(chosen, rejected) summed log-probs of every pair under the current model, computed on
         all ranks (equal shares, the last round padded with repeats) and gathered everywhere."""
         self.model.eval()
-        size = max(1, self.cfg.eval_batch_size // self.world)
+        n = len(examples)
+        size = max(1, min(self.cfg.eval_batch_size // self.world, -(-n // self.world)))
         per_round = size * self.world
-        order = list(range(len(examples)))
-        order += order[: -len(order) % per_round]
+        # every rank runs as many forwards (FSDP's lockstep): the last round is filled with
+        # repeats, cycling, since there may be fewer pairs than ranks
+        order = [k % n for k in range(n + -n % per_round)] if n else []
         mine = []
         for start in range(0, len(order), per_round):
             idx = order[start + self.rank * size : start + (self.rank + 1) * size]
@@ -694,12 +776,14 @@ class RewardTrainer(PairTrainer):
             extra["lm/nll_chosen"] = nll
         return total, self.pair_metrics(r_c.detach(), r_r.detach(), **extra)
 
-    def export(self, out_dir: Path):
+    def export(self, out_dir: Path, step: int | None = None):
         weights = checkpointing.full_state_dict(self.model)
-        if distributed.is_main():
-            weights, config = self.model.export_weights(weights)
-            checkpointing.write_hf(out_dir, weights, config, self.tokenizer)
-        distributed.barrier()
+
+        def write():
+            head, config = self.model.export_weights(weights)
+            checkpointing.write_hf(out_dir, head, config, self.tokenizer, step=step)
+
+        checkpointing.on_main(out_dir, write)
 
 
 class RolloutTrainer(Trainer):
@@ -1240,7 +1324,9 @@ class OnlineTrainer(RolloutTrainer):
     def train_step(self) -> dict:
         loss, start = self.cfg.loss, time.perf_counter()
         out = self.run_dir / "iterations" / str(self.step + 1)
-        resumed = distributed.all_sum([float((out / "train.jsonl").exists())], self.device)[0] == self.world
+        # only when resuming: a fresh start in the run_dir of a killed run samples anew
+        written = distributed.all_sum([float((out / "train.jsonl").exists())], self.device)[0] if self.cfg.resume else 0
+        resumed = written == self.world
         if resumed:
             data = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
             record = json.loads((out / "rollout.json").read_text())  # this iteration's rollout metrics

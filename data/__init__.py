@@ -110,6 +110,16 @@ def convert(rows: list[dict], have: str, want: str, source: str) -> list[dict]:
     raise DataError(f"{source}: holds {have!r} rows, but this loss needs {want!r} rows")
 
 
+def check_files(names, keys: dict) -> None:
+    """Read and check, row by row, the local files among dataset ``names`` (no tokenizer, no model:
+    a second on a large file), so that a bad file stops a run before the slow imports."""
+    from data import local
+
+    for name in names if not isinstance(names, str) else []:  # a bare string is refused later
+        if os.path.splitext(name)[1].lower() in local.EXTENSIONS:
+            local.load_file(name, "train", keys)
+
+
 def load_rows(name: str, split: str, shape: str, paths: dict | None = None, keys: dict | None = None) -> list[dict]:
     """Rows of ``shape`` from a registered dataset ``name`` or a local .json/.jsonl/.parquet file."""
     from data import hub, local, toy  # noqa: F401  (importing registers the loaders)

@@ -21,7 +21,7 @@ import datasets
 
 from data import DataError, check_conversation, check_text, register, where
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("train")
 
 HOLDOUT = 20  # single-split datasets: rows with index % 20 == 19 are "test", the rest "train"
 

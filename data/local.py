@@ -12,6 +12,7 @@ says it evaluates nothing of it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,7 +39,15 @@ def _json_lines(path: str, text: str) -> list[tuple[int, object]]:
 
 
 def _read(path: str, ext: str) -> list[tuple[int, object]]:
-    """[(row number as people count it, parsed object)] in file order."""
+    """[(row number as people count it, parsed object)] in file order. Read once per process while
+    the file is unchanged: train.py checks a file before its heavy imports, the trainer reads it
+    again for each split."""
+    stat = os.stat(path)
+    return _read_once(path, ext, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_once(path: str, ext: str, mtime_ns: int, size: int) -> list[tuple[int, object]]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PAR1" and ext != ".parquet":  # parquet's magic bytes: the content decides, not the name

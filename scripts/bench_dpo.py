@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_sft import add_throughput, device_name, model_shape, peak_flops_per_rank, run, synthetic_chat  # noqa: E402
+from bench_sft import add_throughput, check_steps, device_name, model_shape, peak_flops_per_rank, run, synthetic_chat  # noqa: E402
 
 CONFIGS = {
     "packed, resident ref": ["packing=true", "loss.precompute_ref_logps=false"],
@@ -42,8 +42,13 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="bench_dpo.json")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: bench_sft.DATASHEET_PEAK)")
+    parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
+    check_steps(parser, args.steps)
+    configs = {name: settings for name, settings in CONFIGS.items() if args.only is None or args.only in name}
+    if not configs:
+        parser.error(f"--only {args.only!r} matches none of: {', '.join(CONFIGS)}")
     args.overrides = ["loss=dpo", *args.overrides]
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -54,7 +59,7 @@ def main():
         data = workdir / "pairs.jsonl"
         synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2, pairs=True)
         results = {name: run(name.replace(", ", "-").replace(" ", "_"), settings, args, data, workdir)
-                   for name, settings in CONFIGS.items()}
+                   for name, settings in configs.items()}
         params, layers, hidden = model_shape(Path(next(iter(results.values()))["run_dir"]) / "LATEST")
     flops = {name: flops_per_token(params, layers, hidden, r, "resident" in name) for name, r in results.items()}
     add_throughput(results, flops, peak_per_rank, args.nproc)

@@ -65,10 +65,14 @@ def main():
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench_ppo.json")
+    parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model.archive=... (after --)")
     args = parser.parse_args()
+    configs = {name: settings for name, settings in CONFIGS.items() if args.only is None or args.only in name}
+    if not configs:
+        parser.error(f"--only {args.only!r} matches none of: {', '.join(CONFIGS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: run(name, settings, args, Path(tmp)) for name, settings in CONFIGS.items()}
+        results = {name: run(name, settings, args, Path(tmp)) for name, settings in configs.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"RL iterations, {device}, {args.nproc} rank(s), {args.prompts} prompts x {args.n} samples, "
           f"up to {args.max_new_tokens} new tokens; seconds per iteration (median)")

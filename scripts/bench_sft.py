@@ -104,6 +104,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+WARMUP_STEPS = 3  # not timed: the first steps include warm-up
+
+
+def check_steps(parser, steps: int):
+    if steps <= WARMUP_STEPS:
+        parser.error(f"--steps {steps}: the first {WARMUP_STEPS} steps are warm-up and not timed; pass at least {WARMUP_STEPS + 1}")
+
+
 def run(name: str, settings: list[str], args, data: Path, workdir: Path) -> dict:
     """Train with ``settings`` (hydra overrides) for ``args.steps`` steps; its metrics, summarised."""
     run_dir = workdir / name
@@ -116,7 +124,7 @@ def run(name: str, settings: list[str], args, data: Path, workdir: Path) -> dict
     if out.returncode:
         sys.exit(f"{name} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "tokens_per_s" in r][3:]  # the first steps include warm-up
+    steps = [r for r in records if "tokens_per_s" in r][WARMUP_STEPS:]
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
         "padding_fraction": statistics.mean(r["padding_fraction"] for r in steps),
@@ -136,6 +144,7 @@ def main():
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: DATASHEET_PEAK)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
+    check_steps(parser, args.steps)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if device.type == "cpu" else 1

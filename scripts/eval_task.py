@@ -1,8 +1,8 @@
 """Greedy task accuracy of a model on a toy task's held-out prompts.
 
-    python scripts/eval_task.py --model /tmp/sft/LATEST --task toy_add [--n 200]
+    python scripts/eval_task.py --model runs/readme/sft/LATEST --task toy_add [--n 200]
     python scripts/eval_task.py --model tiny --task toy_add     # the untrained random init
-    python scripts/eval_task.py --model /tmp/grpo/LATEST --against /tmp/sft/LATEST --task toy_sort --n 500
+    python scripts/eval_task.py --model runs/readme/grpo/LATEST --against runs/readme/sft/LATEST --task toy_sort --n 500
 """
 
 import argparse

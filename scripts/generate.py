@@ -1,6 +1,6 @@
 """Generate K completions per prompt of a dataset from any HF checkpoint (seed 001's step 1).
 
-    torchrun --nproc_per_node 2 scripts/generate.py --model /tmp/sft/LATEST --dataset toy_add_prompts \
+    torchrun --nproc_per_node 2 scripts/generate.py --model runs/readme/sft/LATEST --dataset toy_add_prompts \
         --split test --k 4 --out samples.jsonl [--sampler auto|vllm|hf] [--temperature 1.0] [--set batch_size=32]
 
 ``python scripts/generate.py ...`` runs it as a world of one. ``--dataset`` is a registry name or a
@@ -55,6 +55,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES), help="compute dtype")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sampler config key")
+    p.add_argument("--debug", action="store_true", help="show vLLM's own INFO lines")
     return p.parse_args(argv)
 
 
@@ -81,7 +82,7 @@ def main(argv=None):
     name = args.sampler if args.sampler != "auto" else ("vllm" if vllm_available() else "hf")
     section = sampler_config(name, args, max(map(len, ids)) + args.max_new_tokens)
     if name == "vllm":
-        sampler = VLLMSampler(args.model, load_format="auto", **config_kwargs(VLLMSampler, section))
+        sampler = VLLMSampler(args.model, load_format="auto", debug=args.debug, **config_kwargs(VLLMSampler, section))
     else:
         model = models.load_model(model_cfg, device, seed=args.seed)
         model = models.shard(model, init_device_mesh(device.type, (world,)), param_dtype=args.dtype)

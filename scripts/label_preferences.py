@@ -1,6 +1,6 @@
 """Label preference pairs with an LLM judge under one written principle (AI feedback, RLAIF).
 
-    torchrun --nproc_per_node 2 scripts/label_preferences.py --judge /tmp/judge/LATEST \
+    torchrun --nproc_per_node 2 scripts/label_preferences.py --judge runs/readme/sft/LATEST \
         --input pairs.jsonl --out labeled.jsonl [--principle "..."] [--min-confidence 0.6] \
         [--sampler auto|vllm|hf] [--set batch_size=32]
 
@@ -11,7 +11,9 @@ tests). ``--input`` is a .json/.jsonl/.parquet file of rows
     {"prompt": [messages] or str, "response_a": str, "response_b": str}
 
 or of preference rows ``{"prompt", "chosen", "rejected"}`` to re-label (``chosen`` is then
-response a). Every row is checked before the judge is loaded; errors name the file, row and field.
+response a), or ``scripts/generate.py`` output (``--k 2`` or more; its first two completions are
+the responses, and a row whose two are identical or empty is skipped and counted). Every row is
+checked before the judge is loaded; errors name the file, row and field.
 
 The judge reads one user turn holding the principle, the conversation, Response A, Response B and
 "Which response is better? Answer A or B."; the log-probs of its next token being "A" or "B"
@@ -66,6 +68,7 @@ PRINCIPLE = "Choose the response that is more helpful, honest and harmless."
 QUESTION = "Which response is better? Answer A or B."
 LABELS = ("A", "B")
 PAIR_KEYS = (("response_a", "response_b"), ("chosen", "rejected"))  # input shapes, first match wins
+GENERATED = "completions"  # scripts/generate.py's rows: judge each prompt's first two completions
 
 
 def parse(argv=None):
@@ -81,6 +84,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random init of a config judge without weights")
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES), help="compute dtype")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sampler config key")
+    p.add_argument("--debug", action="store_true", help="show vLLM's own INFO lines")
     args = p.parse_args(argv)
     if not 0.5 <= args.min_confidence <= 1:
         p.error(f"--min-confidence {args.min_confidence}: expected a probability in [0.5, 1]")
@@ -90,8 +94,9 @@ def parse(argv=None):
 # --- input ---------------------------------------------------------------------------------------
 
 
-def load_pairs(path: str) -> list[dict]:
-    """Rows ``{"prompt", "a", "b", "extra", "origin"}`` of every record of ``path``, all checked."""
+def load_pairs(path: str) -> tuple[list[dict], int]:
+    """(rows ``{"prompt", "a", "b", "extra", "origin"}`` of the records of ``path``, all checked;
+    the number of generated rows skipped for two identical or empty completions)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in local.EXTENSIONS:
         raise DataError(f"{path}: unsupported extension {ext!r}; expected one of {', '.join(local.EXTENSIONS)}")
@@ -100,8 +105,27 @@ def load_pairs(path: str) -> list[dict]:
     records = local._read(path, ext)
     if not records:
         raise DataError(f"{path}: empty file (no rows)")
-    keys = pair_keys(path, *records[0])
-    return [pair_row(obj, path, n, keys) for n, obj in records]
+    n, first = records[0]
+    if isinstance(first, dict) and GENERATED in first:
+        rows = [generated_pair(obj, path, n) for n, obj in records]
+        return [r for r in rows if r is not None], rows.count(None)
+    keys = pair_keys(path, n, first)
+    return [pair_row(obj, path, n, keys) for n, obj in records], 0
+
+
+def generated_pair(obj, path: str, n: int) -> dict | None:
+    """A scripts/generate.py row as a pair of its first two completions; None if they are the same
+    text or either is empty (sampling gives both often, and neither is a comparison)."""
+    completions = obj.get(GENERATED) if isinstance(obj, dict) else None
+    if not (isinstance(completions, list) and len(completions) >= 2
+            and all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in completions[:2])):
+        raise DataError(f"{where(path, n, GENERATED)}: expected a list of at least 2 completions, each with a "
+                        f"'text' (scripts/generate.py --k 2 or more writes them)")
+    a, b = (c["text"] for c in completions[:2])
+    if a == b or not a.strip() or not b.strip():
+        return None
+    rest = {k: v for k, v in obj.items() if k != GENERATED}
+    return pair_row({**rest, "response_a": a, "response_b": b}, path, n, PAIR_KEYS[0])
 
 
 def pair_keys(path: str, n: int, first) -> tuple[str, str]:
@@ -111,7 +135,7 @@ def pair_keys(path: str, n: int, first) -> tuple[str, str]:
             if any(k in first for k in keys):
                 return keys
     raise DataError(f"{where(path, n, 'response_a')}: missing (a row needs response_a and response_b, "
-                    f"or chosen and rejected)")
+                    f"or chosen and rejected, or completions from scripts/generate.py)")
 
 
 def pair_row(obj, path: str, n: int, keys: tuple[str, str]) -> dict:
@@ -206,12 +230,12 @@ def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, devi
     section = sampler_config(name, args, max_model_len)
     path = models.weights_path(judge_cfg)
     if name == "vllm" and path and Path(path).is_dir() and not judge_cfg.get("tokenizer_name_or_path"):
-        return VLLMSampler(path, load_format="auto", **config_kwargs(VLLMSampler, section))  # reads the weights itself
+        return VLLMSampler(path, load_format="auto", debug=args.debug, **config_kwargs(VLLMSampler, section))  # reads the weights itself
     model = models.load_model(judge_cfg, device, seed=args.seed)
     if name == "hf":
         model = models.shard(model, init_device_mesh(device.type, (distributed.world(),)), param_dtype=args.dtype)
     # vLLM: an engine built from config + tokenizer (written to work_dir), then given the weights
-    return build_sampler(OmegaConf.create({"sampler": section}), model, tokenizer, work_dir)
+    return build_sampler(OmegaConf.create({"sampler": section, "debug": args.debug}), model, tokenizer, work_dir)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -220,7 +244,7 @@ def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, devi
 def main(argv=None) -> int:
     """The exit code: 1 when no pair was kept (an empty --out is no data set), else 0."""
     args = parse(argv)
-    rows = load_pairs(args.input)  # bad input stops here, before anything is loaded
+    rows, skipped = load_pairs(args.input)  # bad input stops here, before anything is loaded
     judge_cfg = judge_config(args.judge)
     owns_group = not dist.is_initialized()
     device = distributed.init()
@@ -239,7 +263,7 @@ def main(argv=None) -> int:
         parts = [None] * world
         dist.all_gather_object(parts, (judged, too_long))
         if rank == 0:
-            summary = write(args.out, parts, len(rows))
+            summary = {**write(args.out, parts, len(rows)), "skipped_identical_or_empty": skipped}
             print(json.dumps({"out": args.out, "sampler": name, "ranks": world, **summary}))
             warn(summary)
             kept = summary["pairs"]

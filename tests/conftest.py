@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -40,6 +41,36 @@ def torchrun(*args, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True, **kwargs)
+
+
+def job_pids(pid: int) -> list[int]:
+    """``pid`` and every process under it (torchrun's ranks run in sessions of their own, so a
+    process group is not the job)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_job(job: subprocess.Popen):
+    """SIGKILL a ``torchrun`` job the way the OOM killer or a node failure ends it: torchrun and
+    every rank, at once."""
+    for pid in reversed(job_pids(job.pid)):
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
 
 
 def _rank_entry(rank, fn, world, init_file, result_dir, args):

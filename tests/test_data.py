@@ -43,6 +43,13 @@ def test_toy_datasets_are_deterministic_disjoint_and_correct(task):
     assert [p["answer"] for p in prompts] == [r["response"] for r in test]
 
 
+def test_toy_add_train_split_is_every_addition_outside_the_test_split():
+    """0..99 + 0..99 is 10,000 questions; the train split is all of those the hash keeps out of test."""
+    every = {f"{a}+{b}=" for a in range(100) for b in range(100)}
+    train = toy.questions("add", "train")
+    assert len(train) == len(set(train)) and set(train) == {q for q in every if not toy._is_test(q)}
+
+
 # --- templating and truncation ----------------------------------------------------------------
 
 

@@ -46,10 +46,30 @@ def test_a_data_error_is_one_line_with_exit_code_2(tmp_path):
     assert lines == [f"error: {tmp_path / 'missing.jsonl'}: no such file"], out.stderr
     assert "Traceback" not in out.stdout + out.stderr
     assert lines[0] in (run_dir / "train.log").read_text()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["train.log"]  # no model, checkpoint or config written
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock", "train.log"]  # no model, checkpoint or config
     shown = subprocess.run([sys.executable, "train.py", f"datasets=[{tmp_path / 'missing.jsonl'}]", f"run_dir={run_dir}",
                             "debug=true"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
+def test_local_files_are_checked_before_the_slow_imports_and_read_once(tmp_path):
+    """train.py runs data.check_files before importing the trainers (a bad file: ~5 s to the
+    error under torchrun on 2 cores, not ~11); the trainer then gets the same parse, not a second
+    read, unless the file changed."""
+    from data import DataError, check_files, load_rows, local
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl: row 2: malformed JSON"):
+        check_files([str(bad), "toy_add"], {})
+    good = sft_file(tmp_path / "good.jsonl", 40)
+    check_files([str(good)], {})
+    hits = local._read_once.cache_info().hits
+    assert len(load_rows(str(good), "train", "sft")) == 38 and local._read_once.cache_info().hits == hits + 1
+    sft_file(good, 60)  # rewritten: read again
+    assert len(load_rows(str(good), "train", "sft")) == 57
+    src = (REPO / "train.py").read_text()
+    assert src.index("check_files(cfg.datasets") < src.index("from trainers import")
 
 
 def test_override_mistakes_name_the_closest_key_or_the_equivalent():

@@ -243,7 +243,7 @@ def test_write_keeps_pairs_in_order_and_counts_what_it_dropped(tmp_path):
 
 def test_config_judge_in_one_process_skips_long_prompts(tmp_path, capsys):
     inp, out = write_jsonl(tmp_path / "pairs.jsonl", ROWS), tmp_path / "out.jsonl"
-    lengths = [max(map(len, lp.judge_prompts(tokenizer(), "P", r))) for r in lp.load_pairs(str(inp))]
+    lengths = [max(map(len, lp.judge_prompts(tokenizer(), "P", r))) for r in lp.load_pairs(str(inp))[0]]
     limit = sorted(lengths)[2]  # the two longest rows are skipped
     lp.main(["--judge", "tiny", "--input", str(inp), "--out", str(out), "--sampler", "hf", "--principle", "P",
              "--max-length", str(limit)])
@@ -262,6 +262,21 @@ def test_no_pair_kept_is_an_error_exit(tmp_path, capsys):
     assert lp.main(["--judge", "tiny", "--input", str(inp), "--out", str(out), "--sampler", "hf", "--principle", "P"]) == 0
 
 
+def test_generate_output_is_judged_on_its_first_two_completions(tmp_path):
+    """scripts/generate.py's rows: completions[0] is response a, completions[1] response b, the row's
+    other fields kept; a row whose two texts are equal or empty is skipped and counted, not refused."""
+    def gen(i, *texts):
+        return {"index": i, "prompt": [{"role": "user", "content": f"q{i}"}], "answer": str(i),
+                "completions": [{"text": t, "token_ids": [1], "logprobs": [-1.0], "finish_reason": "stop"} for t in texts]}
+
+    inp = write_jsonl(tmp_path / "samples.jsonl", [gen(0, "x", "y", "z"), gen(1, "same", "same"), gen(2, "", "w"),
+                                                  gen(3, "u", "v")])
+    rows, skipped = lp.load_pairs(str(inp))
+    assert skipped == 2
+    assert [(r["prompt"][0]["content"], r["a"], r["b"]) for r in rows] == [("q0", "x", "y"), ("q3", "u", "v")]
+    assert rows[1]["extra"] == {"index": 3, "answer": "3"}
+
+
 BAD = [  # (file name, lines, what the message must name)
     ("missing.jsonl", [{"prompt": "q", "response_a": "x"}], "missing.jsonl: row 1: field 'response_b': missing"),
     ("json.jsonl", [ROWS[0], '{"prompt": "q", "response_a": '], "json.jsonl: row 2: malformed JSON"),
@@ -277,6 +292,7 @@ BAD = [  # (file name, lines, what the message must name)
      "pref.jsonl: row 2: field 'rejected': missing"),
     ("shape.jsonl", [{"prompt": "q", "response": "x"}], "shape.jsonl: row 1: field 'response_a': missing"),
     ("none.jsonl", [], "none.jsonl: empty file"),
+    ("gen.jsonl", [{"prompt": "q", "completions": [{"text": "x"}]}], "gen.jsonl: row 1: field 'completions': expected a list of at least 2"),
     ("rows.csv", [], "rows.csv: unsupported extension"),
 ]
 

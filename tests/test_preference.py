@@ -68,6 +68,24 @@ def test_two_ranks_equal_one_process(tmp_path, loss):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def pair_logps_of_few(rank, world, overrides):
+    """The trainer's pair log-probs of 1, 2 and 3 pairs: fewer pairs than ranks x eval batch."""
+    cfg = make_cfg(*overrides)
+    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
+    return [trainer.pair_logps(trainer.eval_examples[:n]) for n in (1, 2, 3)]
+
+
+def test_pair_logps_of_fewer_pairs_than_ranks_equal_one_process(tmp_path):
+    """Online DPO's iteration can keep a single pair: each rank still runs its forwards (the last
+    round filled with repeats) and the values are one process's. It used to leave rank 1 an empty
+    share, whose packing raised ``max() arg is an empty sequence``."""
+    overrides = fast_overrides(tmp_path / "run") + PREF + ["loss=dpo", "eval_batch_size=64"]
+    one, two = (run_ranks(pair_logps_of_few, world, tmp_path, overrides)[0] for world in (1, 2))
+    assert [len(x) for x in two] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor(two[2]), torch.tensor(one[2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(two[0]), torch.tensor(one[2][:1]), rtol=1e-5, atol=1e-5)
+
+
 def test_precomputed_reference_equals_resident_reference(tmp_path):
     runs = {}
     for precompute in (False, True):

@@ -430,6 +430,8 @@ def test_generate_script_vllm_two_ranks(tmp_path):
     ckpt, out = tiny_checkpoint(tmp_path / "ckpt"), tmp_path / "samples.jsonl"
     vllm_subprocess([str(REPO / "scripts" / "generate.py"), *generate_args(ckpt, out, "vllm", temperature=0)], tmp_path)
     records = check_generated(out, k=3, n_prompts=7)
+    log = (tmp_path / "torchrun.log").read_text()  # vLLM's own lines only with --debug (69 lines -> 10 here)
+    assert "non-default args" not in log and "Initializing a V1 LLM engine" not in log and "set_num_threads" not in log
     # greedy: two vLLM ranks loading the checkpoint generate what HF generate does with it
     tok = tokenizer()
     reference = HFSampler(AutoModelForCausalLM.from_pretrained(ckpt), tok).generate(

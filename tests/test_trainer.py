@@ -108,12 +108,25 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, single_process):
         TRAINERS["SFTTrainer"](cfg, distributed.device())
 
 
-def test_a_half_written_checkpoint_is_not_complete(tmp_path):
-    (tmp_path / "step-3").mkdir()
-    (tmp_path / "step-3" / checkpointing.STATE_FILE).write_text("{}")
-    (tmp_path / "step-5.tmp").mkdir()  # killed while saving
-    (tmp_path / "step-7").mkdir()  # no state file: not renamed by rank 0's last act
+def test_a_checkpoint_is_complete_only_with_every_file_its_manifest_lists(tmp_path):
+    def checkpoint(name, files: dict[str, bytes], listed: dict[str, int] | None = None):
+        (tmp_path / name).mkdir()
+        for f, content in files.items():
+            (tmp_path / name / f).write_bytes(content)
+        if listed is not None:
+            (tmp_path / name / checkpointing.MANIFEST).write_text(json.dumps({"files": listed}))
+
+    written = {"__0_0.distcp": 100, checkpointing.STATE_FILE: 2}
+    checkpoint("step-3", {"__0_0.distcp": b"x" * 100, checkpointing.STATE_FILE: b"{}"}, written)
+    checkpoint("step-5.tmp", {"__0_0.distcp": b"x" * 100}, written)  # killed while saving
+    checkpoint("step-7", {checkpointing.STATE_FILE: b"{}"})  # no manifest: not renamed by rank 0's last act
+    checkpoint("step-9", {"__0_0.distcp": b"x" * 60, checkpointing.STATE_FILE: b"{}"}, written)  # truncated since
+    checkpoint("step-11", {checkpointing.STATE_FILE: b"{}"}, written)  # a shard lost
     assert [p.name for p in checkpointing.complete(tmp_path)] == ["step-3"]
+    shard = tmp_path / "step-9" / "__0_0.distcp"
+    assert checkpointing.damage(tmp_path / "step-9") == f"{shard} has 60 bytes, 100 when it was written"
+    assert checkpointing.damage(tmp_path / "step-11") == f"{tmp_path / 'step-11' / '__0_0.distcp'} is missing"
+    assert checkpointing.resumable(tmp_path) == tmp_path / "step-3"  # warning of step-11, -9 and -7 on the way
 
 
 def test_schedule_and_counters():

@@ -24,8 +24,12 @@
 #
 # train.py gets `resume=true` first, so a requeued job continues from the last checkpoint in
 # run_dir (and a first start, finding none, starts fresh); an explicit `resume=false` after it wins.
-# torchrun forwards SIGUSR1 (slurm's warning before the time limit) and SIGTERM (scancel, requeue)
-# to every rank and waits SHUTDOWN_TIMEOUT seconds for them to checkpoint and exit.
+# slurm signals every process of the job step, torchrun and its ranks alike. torchrun forwards
+# SIGTERM (scancel, requeue) and SIGINT to every rank by itself; --signals_to_handle makes it forward
+# SIGUSR1 (slurm's warning before the time limit) too, where by default it would die of it (and its
+# ranks with it, without a checkpoint: they end when torchrun ends). It then waits SHUTDOWN_TIMEOUT
+# seconds for the ranks to checkpoint and exit. A rank takes the copy from slurm and the copy from
+# torchrun as one request.
 set -euo pipefail
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
