@@ -52,6 +52,9 @@ EXPORTED = "checkpoint.json"  # in an export (LATEST/): {"step": N}, the checkpo
 LOCK_FILE = "lock"
 
 
+RETRY = "free space (or fix the permissions) and run again with resume=true"  # after a failed write
+
+
 class RunDirError(Exception):
     """run_dir cannot be used as asked: another job holds it, a write into it failed, or it has
     checkpoints but none is complete. The message says what, where, and how to go on."""
@@ -146,8 +149,7 @@ def _agree(failure: str | None, tmp: Path):
         return
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-    raise RunDirError(f"{failure}; removed the partial {tmp.name}, the previous checkpoints are untouched: "
-                      f"free space (or fix the permissions) and run again with resume=true")
+    raise RunDirError(f"{failure}; removed the partial {tmp.name}, the previous checkpoints are untouched: {RETRY}")
 
 
 def write_failure(path: str | Path, exc: BaseException) -> str:
@@ -185,27 +187,28 @@ def writing(path: str | Path):
     try:
         yield
     except OSError as exc:
-        raise RunDirError(f"{write_failure(path, exc)}: free space (or fix the permissions) and run again "
-                          f"with resume=true") from exc
+        raise RunDirError(f"{write_failure(path, exc)}: {RETRY}") from exc
+
+
+def replace_text(path: Path, text: str):
+    """Write ``path`` atomically: a reader, or a run killed meanwhile, finds the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_jsonl(path: str | Path, rows: list[dict]):
-    """One JSON object per line, atomically: a reader finds the whole file or none."""
+    """One JSON object per line, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    replace_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def truncate_jsonl(path: str | Path, n: int) -> int:
-    """Keep the first ``n`` lines of a JSON-lines file (atomically: a kill leaves the old file or
-    the new); returns how many lines it had."""
+    """Keep the first ``n`` lines of a JSON-lines file, atomically; returns how many lines it had."""
     path = Path(path)
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines[:n]))
-    os.replace(tmp, path)
+    replace_text(path, "".join(lines[:n]))
     return len(lines)
 
 

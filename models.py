@@ -12,8 +12,8 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from omegaconf import OmegaConf
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent

@@ -76,7 +76,7 @@ def main(cfg):
         lock = checkpointing.lock(cfg.run_dir)
         distributed.setup_logging(os.path.join(cfg.run_dir, "train.log"), cfg.debug)
         # a bad local file stops the run before the slow imports (vLLM, the trainers: ~4 s)
-        check_files(cfg.datasets, {k: v for k, v in cfg.data.columns.items() if v is not None})
+        check_files(cfg.datasets, OmegaConf.to_container(cfg.data.columns))
         from trainers import TRAINERS
 
         if cfg.loss.trainer not in TRAINERS:

@@ -295,8 +295,8 @@ class Trainer:
     def load_examples(self, split: str) -> list[dict]:
         examples = []
         for name in self.cfg.datasets:
-            columns = {k: v for k, v in OmegaConf.to_container(self.cfg.data.columns).items() if v is not None}
-            rows = load_rows(name, split, self.shape, paths=OmegaConf.to_container(self.cfg.data.paths), keys=columns)
+            rows = load_rows(name, split, self.shape, paths=OmegaConf.to_container(self.cfg.data.paths),
+                             keys=OmegaConf.to_container(self.cfg.data.columns))
             examples += self.tokenize(rows, f"{name} ({split})")
         return examples
 
@@ -331,10 +331,12 @@ class Trainer:
 
     def collate(self, examples: list[dict]) -> dict:
         seqs = [s for ex in examples for s in self.sequences(ex)]
-        if self.packs:
-            batch = pack(seqs, self.cfg.row_tokens, self.tokenizer.pad_token_id, self.token_fields)
-        else:
-            batch = pad(seqs, self.tokenizer.pad_token_id, self.token_fields)
+        return self.layout(seqs, self.tokenizer.pad_token_id, self.token_fields)
+
+    def layout(self, seqs: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dict:
+        """``seqs`` as a batch on the device: packed rows, or one padded row each when the models
+        cannot pack (``packing=false``, or ``auto`` after the self-check)."""
+        batch = pack(seqs, self.cfg.row_tokens, pad_id, fields) if self.packs else pad(seqs, pad_id, fields)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def run_micro_batches(self, micro: list[list[dict]], train: bool) -> dict[str, list[float]]:
@@ -936,8 +938,7 @@ class RolloutTrainer(Trainer):
                     ids = prompt_ids(tokenizer, s["prompt"]) + response_ids(tokenizer, s["text"])
                 ids = ids[-self.cfg.row_tokens :]  # a re-tokenized sample can be longer; keep its end
                 seqs.append({"input_ids": ids, "labels": ids})
-            packed = pack(seqs, self.cfg.row_tokens, tokenizer.pad_token_id) if self.packs else pad(seqs, tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in packed.items()}
+            batch = self.layout(seqs, tokenizer.pad_token_id)
             values, _ = model(batch["input_ids"], batch["position_ids"])
             scores += values.float().flatten()[last_positions(batch["seq_ids"], len(chunk))].tolist()
         reshard(model)  # a frozen model's root stays gathered after a forward without backward

@@ -39,15 +39,7 @@ def _json_lines(path: str, text: str) -> list[tuple[int, object]]:
 
 
 def _read(path: str, ext: str) -> list[tuple[int, object]]:
-    """[(row number as people count it, parsed object)] in file order. Read once per process while
-    the file is unchanged: train.py checks a file before its heavy imports, the trainer reads it
-    again for each split."""
-    stat = os.stat(path)
-    return _read_once(path, ext, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_once(path: str, ext: str, mtime_ns: int, size: int) -> list[tuple[int, object]]:
+    """[(row number as people count it, parsed object)] in file order."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PAR1" and ext != ".parquet":  # parquet's magic bytes: the content decides, not the name
@@ -110,11 +102,12 @@ def _row(obj, path: str, n: int, prompt_key: str, fields: dict) -> dict:
 
 
 def load_file(path: str, split: str, keys: dict) -> tuple[list[dict], str]:
-    """(rows of ``split``, their shape) from a local file; ``keys`` renames columns (see KEYS)."""
+    """(rows of ``split``, their shape) from a local file; ``keys`` renames columns (see KEYS; a
+    key set to None keeps the default name)."""
     unknown = set(keys) - set(KEYS)
     if unknown:
         raise DataError(f"unknown key option(s) {sorted(unknown)}: expected some of {sorted(KEYS)}")
-    k = {**KEYS, **keys}
+    columns = {**KEYS, **{key: name for key, name in keys.items() if name is not None}}
     if split not in ("train", "test"):
         raise DataError(f"{path}: split {split!r}: expected 'train' or 'test'")
     ext = os.path.splitext(path)[1].lower()
@@ -122,6 +115,18 @@ def load_file(path: str, split: str, keys: dict) -> tuple[list[dict], str]:
         raise DataError(f"{path}: unsupported extension {ext!r}; expected one of {', '.join(EXTENSIONS)}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    stat = os.stat(path)
+    rows, shape = _checked_rows(path, ext, tuple(sorted(columns.items())), stat.st_mtime_ns, stat.st_size)
+    test = split == "test"
+    return [r for i, r in enumerate(rows) if (i % HOLDOUT == HOLDOUT - 1) == test], shape
+
+
+@functools.lru_cache(maxsize=4)
+def _checked_rows(path: str, ext: str, columns: tuple, mtime_ns: int, size: int) -> tuple[list[dict], str]:
+    """Every row of the file, checked, and their shape: read and checked once per process while
+    the file is unchanged (train.py checks a file before its slow imports, then the trainer asks
+    for each split)."""
+    k = dict(columns)
     records = _read(path, ext)
     if not records:
         raise DataError(f"{path}: empty file (no rows)")
@@ -135,6 +140,4 @@ def load_file(path: str, split: str, keys: dict) -> tuple[list[dict], str]:
         shape, fields = "sft", {"response": k["response_key"]}
     else:
         shape, fields = "prompt", {}
-    rows = [_row(obj, path, n, k["prompt_key"], fields) for n, obj in records]
-    test = split == "test"
-    return [r for i, r in enumerate(rows) if (i % HOLDOUT == HOLDOUT - 1) == test], shape
+    return [_row(obj, path, n, k["prompt_key"], fields) for n, obj in records], shape

@@ -64,8 +64,8 @@ def test_local_files_are_checked_before_the_slow_imports_and_read_once(tmp_path)
         check_files([str(bad), "toy_add"], {})
     good = sft_file(tmp_path / "good.jsonl", 40)
     check_files([str(good)], {})
-    hits = local._read_once.cache_info().hits
-    assert len(load_rows(str(good), "train", "sft")) == 38 and local._read_once.cache_info().hits == hits + 1
+    hits = local._checked_rows.cache_info().hits
+    assert len(load_rows(str(good), "train", "sft")) == 38 and local._checked_rows.cache_info().hits == hits + 1
     sft_file(good, 60)  # rewritten: read again
     assert len(load_rows(str(good), "train", "sft")) == 57
     src = (REPO / "train.py").read_text()
