@@ -157,6 +157,19 @@ def _all_reduce(values: list[float], dev: torch.device, op) -> list[float]:
     return t.tolist()
 
 
+def report_user_error(exc: BaseException):
+    """One line, once (rank 0), on stderr and in the log file (train.log): ``error: <what and
+    where>: <fix>``; for bad input, where a traceback would bury the message."""
+    if not is_main():
+        return
+    line = f"error: {exc}".replace("\n", " ")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(line + "\n")
+            handler.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
 def setup_logging(log_file: str | None = None, debug: bool = False):
     """Rank 0 logs the run's INFO lines to stdout (and ``log_file``); other ranks only warnings,
     tagged with their rank. Libraries' INFO lines ("Model weights successfully saved to <tmp>!"

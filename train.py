@@ -54,18 +54,6 @@ def user_error(exc: BaseException, building: bool) -> bool:
     return isinstance(exc, known) or (building and isinstance(exc, (ValueError, FileNotFoundError)))
 
 
-def report_user_error(exc: BaseException):
-    """One line, once (rank 0), on stderr and in train.log: ``error: <what and where>: <fix>``."""
-    if not distributed.is_main():
-        return
-    line = f"error: {exc}".replace("\n", " ")
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.stream.write(line + "\n")
-            handler.flush()
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(cfg):
     device = distributed.init(cfg.dist_timeout_minutes)
     trainer, group_intact, lock = None, True, None
@@ -91,7 +79,7 @@ def main(cfg):
         if isinstance(exc, Exception) and distributed.lost_peer(exc):
             report_lost_peer(cfg, trainer, exc)
         elif user_error(exc, building=trainer is None) and not (cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
-            report_user_error(exc)
+            distributed.report_user_error(exc)
             raise SystemExit(2) from None  # no traceback: debug=true (or HYDRA_FULL_ERROR=1) shows it
         raise
     finally:

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 import checkpointing  # noqa: E402
 import distributed  # noqa: E402
 import models  # noqa: E402
-from data import load_rows  # noqa: E402
+from data import DataError, load_rows  # noqa: E402
 from data.tokenize import prompt_ids  # noqa: E402
 from sampler import HFSampler, SamplingParams, VLLMSampler, config_kwargs, vllm_available  # noqa: E402
 
@@ -120,4 +120,10 @@ def write(out: str, parts: list[list[dict]], n_prompts: int, k: int):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, models.ConfigError) as exc:  # bad input: one line, as train.py says it
+        if "--debug" in sys.argv:
+            raise
+        distributed.report_user_error(exc)
+        sys.exit(2)

@@ -223,7 +223,7 @@ def judge_config(judge: str):
     if yaml.is_file():
         return OmegaConf.load(yaml)
     known = ", ".join(sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml")))
-    raise ValueError(f"--judge {judge!r}: not a model directory, nor a config in config/model ({known})")
+    raise models.ConfigError(f"--judge {judge!r}: not a model directory, nor a config in config/model ({known})")
 
 
 def make_sampler(name: str, judge_cfg, tokenizer, args, max_model_len: int, device, work_dir: Path):
@@ -316,4 +316,10 @@ def write(out: str, parts: list, n_rows: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (DataError, models.ConfigError) as exc:  # bad input: one line, as train.py says it
+        if "--debug" in sys.argv:
+            raise
+        distributed.report_user_error(exc)
+        sys.exit(2)

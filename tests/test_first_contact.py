@@ -72,6 +72,22 @@ def test_local_files_are_checked_before_the_slow_imports_and_read_once(tmp_path)
     assert src.index("check_files(cfg.datasets") < src.index("from trainers import")
 
 
+@pytest.mark.parametrize("script", ["label_preferences", "generate"])
+def test_the_scripts_answer_bad_input_with_one_line_and_exit_code_2(tmp_path, script):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "completions": [{"text": "x"}]}) + "\n")
+    args = {"label_preferences": ["--judge", "tiny", "--input", str(bad)],
+            "generate": ["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl")]}[script]
+    command = [sys.executable, f"scripts/{script}.py", *args, "--out", str(tmp_path / "out.jsonl")]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    want = {"label_preferences": f"error: {bad}: row 1: field 'completions': expected a list of at least 2",
+            "generate": f"error: {tmp_path / 'missing.jsonl'}: no such file"}[script]
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(want), out.stderr
+    shown = subprocess.run([*command, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shown.returncode != 0 and "Traceback" in shown.stderr
+
+
 def test_override_mistakes_name_the_closest_key_or_the_equivalent():
     import overrides
 
