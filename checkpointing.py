@@ -388,3 +388,58 @@ def lock(run_dir: str | Path):
     if refusal is not None:
         raise RunDirError(refusal)
     return held
+
+
+# Config keys that may differ when a run resumes: they change how long it trains (the schedule then
+# follows the new length), what it evaluates, logs and keeps, or how it is launched, but not what
+# the steps it has done would compute. Every other key (loss, model, data, batch sizes, lr and
+# schedule, seed, lengths, sampler, ...) must equal what the checkpoint was trained with.
+MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start", "eval_at_end", "eval_sampling",
+                        "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
+                        "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
+                        "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check")
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """``key=<saved> (now <now>)`` for every key outside ``MAY_CHANGE_ON_RESUME`` whose value differs."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def may_change(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME)
+
+    a, b = flat(saved), flat(now)
+    unset = "(unset)"
+    return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
+            if not may_change(k) and a.get(k, unset) != b.get(k, unset)]
+
+def to_resume(run_dir: Path, cfg) -> Path | None:
+    """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and the
+    config it was trained with are checked; without ``resume=true``, run_dir must hold none."""
+    from models import ConfigError
+    from omegaconf import OmegaConf
+
+    if not cfg.resume:
+        if checkpoints(run_dir):
+            raise ConfigError(f"run_dir={run_dir} already holds checkpoints: pass resume=true or another run_dir")
+        return None
+    path = resumable(run_dir)
+    if path is None:
+        return None
+    saved = json.loads((path / STATE_FILE).read_text()).get("config")
+    if saved is None:
+        log.warning(f"{path} records no config (an older checkpoint): resuming without checking that the "
+                    f"config is the one it was trained with")
+        return path
+    differences = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
+    if differences:
+        raise ConfigError(
+            f"resume=true: {path} was trained with another config: {', '.join(differences)}. These keys shape "
+            f"what the run computes: resume with the checkpoint's values (its trainer_state.json lists them all), "
+            f"or start a new run_dir (model.archive={run_dir / 'LATEST'} starts it from these weights). Keys that may "
+            f"change on resume: {', '.join(MAY_CHANGE_ON_RESUME)}")
+    return path

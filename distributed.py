@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import logging
+import math
 import os
 import signal
 import sys
@@ -128,6 +129,13 @@ def from_main(value):
     return box[0]
 
 
+def mesh():
+    """The one-dimensional device mesh of all ranks that FSDP2 shards every model over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device().type, (world(),))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -155,6 +163,54 @@ def _all_reduce(values: list[float], dev: torch.device, op) -> list[float]:
     if world() > 1:
         dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+# --- a list spread over the ranks ------------------------------------------------------------
+# Algorithm code never calls torch.distributed: a list every rank holds (a batch, a rollout, eval
+# prompts) is split with ``share``, worked on with ``lockstep`` when the work runs FSDP forwards,
+# and put back together with ``gather``.
+
+def share(items):
+    """This rank's contiguous part of ``items`` (the same list on every rank): rank r gets
+    ``items[n*r//W : n*(r+1)//W]``, so the parts differ by at most one and, concatenated in rank
+    order, are ``items`` again (``gather`` undoes ``share``)."""
+    n, r, w = len(items), rank(), world()
+    return items[n * r // w : n * (r + 1) // w]
+
+
+def gather(mine: list) -> list:
+    """Collective: every rank's list, concatenated in rank order, on every rank."""
+    if world() == 1:
+        return list(mine)
+    parts = [None] * world()
+    dist.all_gather_object(parts, mine)
+    return [x for part in parts for x in part]
+
+
+def lockstep(fn, items: list, batch_size: int, stand_in, frozen=()) -> list:
+    """Collective: ``fn(chunk)`` (one result per item of the chunk) over this rank's ``items`` in
+    chunks of ``batch_size``, in as many calls on every rank. FSDP gathers each layer's weights from
+    all ranks in a forward, so a rank with fewer chunks than another still calls ``fn``, on
+    ``[stand_in]`` (an item of any rank), and drops its result. A frozen model's root stays
+    gathered after a forward without backward: ``frozen`` models are resharded at the end."""
+    n_calls = int(all_max([math.ceil(len(items) / batch_size)], device())[0])
+    out = []
+    for k in range(n_calls):
+        chunk = items[k * batch_size : (k + 1) * batch_size]
+        out += list(fn(chunk or [stand_in]))[: len(chunk)]
+    for model in frozen:
+        reshard(model)
+    return out
+
+
+def reshard(model):
+    """Free FSDP2's unsharded parameters: after a forward without backward (e.g. generation) the
+    root keeps its parameters (embeddings, final norm) unsharded, as plain tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def report_user_error(exc: BaseException):

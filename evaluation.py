@@ -41,6 +41,15 @@ def task_accuracy(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens:
     return sum(scores) / len(scores)
 
 
+def verifier(datasets: list[str]):
+    """The reward function that checks completions of every one of ``datasets`` (a toy task's
+    three datasets share one: ``data.toy.VERIFIERS``), or None: no task accuracy to report."""
+    from data.toy import VERIFIERS
+
+    found = {VERIFIERS.get(name) for name in datasets}
+    return found.pop() if len(found) == 1 else None
+
+
 def paired_comparison(before: list[float], after: list[float]) -> dict:
     """Two models' 0/1 scores on the same prompts: ``fixed`` counts the prompts only ``after`` gets
     right, ``broken`` those only ``before`` does, and McNemar's z = (fixed - broken) /

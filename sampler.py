@@ -399,16 +399,6 @@ def weight_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
     return list(groups.values())
 
 
-def reshard(model):
-    """Free FSDP2's unsharded parameters: after a forward without backward (e.g. generation) the
-    root keeps its parameters (embeddings, final norm) unsharded, as plain tensors."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
 def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """Collective for a DTensor (every rank gets the whole parameter); a plain tensor as is."""
     from torch.distributed.tensor import DTensor
@@ -541,7 +531,7 @@ class VLLMSampler(Sampler):
         bucket, never a second full model. Returns the seconds taken."""
         t0 = time.perf_counter()
         self._wake("weights")
-        reshard(model)  # every parameter a DTensor shard again, and no unsharded copy held meanwhile
+        distributed.reshard(model)  # every parameter a DTensor shard again, and no unsharded copy held meanwhile
         buckets, sent, largest = 0, 0, 0
         bucket, size = [], 0
 

@@ -52,7 +52,7 @@ def pack(sequences: list[dict], row_tokens: int, pad_id: int, fields: tuple[str,
     each sequence's last token so nothing is predicted across a boundary. ``seq_ids[r, t]`` is the
     index into ``sequences`` of the token at t, -1 on padding. Sequences must be non-empty.
 
-    Each name in ``fields`` is a per-token float list of a sequence, aligned with its ``labels``
+    Each name in ``fields`` is a per-token float list (or 1-D tensor) of a sequence, aligned with its ``labels``
     (e.g. RL advantages), packed exactly as the labels are: ``out[name][r, t]`` belongs to
     ``targets[r, t]``; 0 where there is no target.
     """
@@ -72,7 +72,7 @@ def pack(sequences: list[dict], row_tokens: int, pad_id: int, fields: tuple[str,
             input_ids[r, t : t + n] = torch.tensor(ids)
             targets[r, t : t + n - 1] = torch.tensor(labels[1:])
             for name in fields:
-                extra[name][r, t : t + n - 1] = torch.tensor(sequences[i][name][1:])
+                extra[name][r, t : t + n - 1] = torch.as_tensor(sequences[i][name][1:], dtype=torch.float32)
             seq_ids[r, t : t + n] = i
             position_ids[r, t : t + n] = torch.arange(n)
             t += n
@@ -85,7 +85,8 @@ def pad(sequences: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dic
     causal model never attends from a real token to the padding after it): ``packing=false``, and
     ``packing=auto`` for a model that cannot pack."""
     width = max(len(s["input_ids"]) for s in sequences)
-    out = {k: [] for k in ("input_ids", "position_ids", "targets", "seq_ids", *fields)}
+    out = {k: [] for k in ("input_ids", "position_ids", "targets", "seq_ids")}
+    extra = {name: torch.zeros(len(sequences), width) for name in fields}
     for i, s in enumerate(sequences):
         n, fill = len(s["input_ids"]), width - len(s["input_ids"])
         out["input_ids"].append(s["input_ids"] + [pad_id] * fill)
@@ -93,8 +94,8 @@ def pad(sequences: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dic
         out["targets"].append(s["labels"][1:] + [IGNORE] * (fill + 1))
         out["seq_ids"].append([i] * n + [-1] * fill)
         for name in fields:
-            out[name].append([float(x) for x in s[name][1:]] + [0.0] * (fill + 1))
-    return {k: torch.tensor(v) for k, v in out.items()}
+            extra[name][i, : n - 1] = torch.as_tensor(s[name][1:], dtype=torch.float32)
+    return {**{k: torch.tensor(v) for k, v in out.items()}, **extra}
 
 
 def per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ def response_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def fit(prompt: list[int], responses: list[list[int]], limits, stats: Counter, place: str, mode: str):
+def truncate(prompt: list[int], responses: list[list[int]], limits, stats: Counter, place: str, mode: str):
     """Apply the truncation policy to a prompt and its response(s); None means drop the row.
 
     ``keep_end`` keeps the end of a long prompt (the part nearest the response) down to
@@ -77,7 +77,7 @@ def tokenize_sft(rows: list[dict], tokenizer, limits, source: str, mode: str = "
     stats, examples = Counter(), []
     for i, row in enumerate(rows, start=1):
         place = origin(row, source, i)
-        kept = fit(prompt_ids(tokenizer, row["prompt"], place), [response_ids(tokenizer, row["response"])], limits, stats,
+        kept = truncate(prompt_ids(tokenizer, row["prompt"], place), [response_ids(tokenizer, row["response"])], limits, stats,
                    place, mode)
         if kept is None:
             continue
@@ -95,7 +95,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, limits, source: str, mode: str =
     for i, row in enumerate(rows, start=1):
         place = origin(row, source, i)
         replies = [response_ids(tokenizer, row["chosen"]), response_ids(tokenizer, row["rejected"])]
-        kept = fit(prompt_ids(tokenizer, row["prompt"], place), replies, limits, stats, place, mode)
+        kept = truncate(prompt_ids(tokenizer, row["prompt"], place), replies, limits, stats, place, mode)
         if kept is None:
             continue
         p, (c, r) = kept
@@ -117,7 +117,7 @@ def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str
     stats, examples = Counter(), []
     for i, row in enumerate(rows, start=1):
         place = origin(row, source, i)
-        kept = fit(prompt_ids(tokenizer, row["prompt"], place), [], limits, stats, place, mode)
+        kept = truncate(prompt_ids(tokenizer, row["prompt"], place), [], limits, stats, place, mode)
         if kept is None:
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "origin")}
@@ -125,3 +125,7 @@ def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str
     if rows and not examples:  # (no rows at all: an empty eval split, already reported)
         raise DataError(f"{source}: no prompt left after truncation_mode={mode!r} ({dict(stats)})")
     return examples, stats
+
+
+# a trainer's ``row_format`` -> the function that tokenizes its rows
+TOKENIZERS = {"sft": tokenize_sft, "pref": tokenize_pairs, "prompt": tokenize_prompts}

@@ -135,9 +135,12 @@ def make_reward(task: str):
 
 
 REWARDS = {f"toy_{task}": make_reward(task) for task in TASKS}
+VERIFIERS = {}  # dataset name -> the reward function that checks a completion of its prompts
 
 for _task in TASKS:
     # default arguments bind the task now, not at call time
     register(f"toy_{_task}", "sft")(lambda split, path, t=_task: sft_rows(t, split))
     register(f"toy_{_task}_pref", "pref")(lambda split, path, t=_task: pref_rows(t, split))
     register(f"toy_{_task}_prompts", "prompt")(lambda split, path, t=_task: prompt_rows(t, split))
+    for _name in (f"toy_{_task}", f"toy_{_task}_pref", f"toy_{_task}_prompts"):
+        VERIFIERS[_name] = REWARDS[f"toy_{_task}"]

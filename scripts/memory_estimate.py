@@ -3,7 +3,7 @@
     python scripts/memory_estimate.py [--gpus 8] [--gpu-gib 80] [--models llama3_8b,qwen2_5_7b,mistral7b] \
         [--out memory_estimate.json] [-- extra hydra overrides, e.g. batch_size=128]
 
-The training config of each stage is what ``train.py model=<m> loss=<sft|dpo|ppo> <overrides>``
+The training config of each stage is what ``train.py model=<m> loss=<sft|dpo|ppo|grpo> <overrides>``
 would run (config/config.yaml, config/loss/, config/sampler/), on ``--gpus`` ranks. The model
 shapes are in ``ARCHS`` (each model's config.json on the hub; nothing is downloaded), or a model
 config's ``init`` (model=tiny). Every model is sharded with FSDP2 over all ranks, keeps fp32
@@ -162,13 +162,13 @@ def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> 
         resident = not cfg.loss.precompute_ref_logps and not cfg.loss.reference_free
         return Stage("DPO", ("policy",), ("reference",) * resident, tokens=2 * per_rank * cfg.max_length,
                      logits_bytes_per_entry=14 if resident else 12)
-    if name == "ppo":
+    if name in ("ppo", "grpo"):
         loss = cfg.loss
-        return Stage("PPO", ("policy",) + ("critic",) * (loss.advantage == "gae"),
+        return Stage(name.upper(), ("policy",) + ("critic",) * (loss.trainer == "PPOTrainer"),
                      ("reference",) * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
                      tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens),
                      logits_bytes_per_entry=12, vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a))
-    raise ValueError(f"stage {name!r}: one of sft, dpo, ppo")
+    raise ValueError(f"stage {name!r}: one of sft, dpo, ppo, grpo")
 
 
 def vllm_bytes(sampler, gpu_bytes: float, a: Arch) -> float:

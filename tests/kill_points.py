@@ -135,7 +135,7 @@ def killable_run(rank, world, overrides, at=None, do="kill", pid_dir=None, env=N
     def train_probed(self):
         probe.trainer = self
         _around(self, "train_step", probe, before="step")
-        _around(self, "log_metrics", probe, after="metrics")
+        _around(self.metrics, "log", probe, after="metrics")
         try:
             real_train(self)
         finally:

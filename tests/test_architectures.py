@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import models
 from conftest import fast_overrides, make_cfg, run_ranks
 from data.packing import pack
-from test_packing import random_sequences
+from helpers import random_sequences
 from trainers import TRAINERS, per_sequence, token_logps
 
 VOCAB = 262

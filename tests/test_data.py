@@ -12,7 +12,7 @@ import distributed
 import models
 from conftest import fast_overrides, make_cfg
 from data import DataError, load_rows, toy
-from data.tokenize import IGNORE, fit, prompt_ids, response_ids, tokenize_sft
+from data.tokenize import IGNORE, prompt_ids, response_ids, tokenize_sft, truncate
 from trainers import TRAINERS
 
 TOK = AutoTokenizer.from_pretrained(models.REPO / "tokenizer" / "tiny")
@@ -73,15 +73,15 @@ LIMITS = SimpleNamespace(max_length=10, max_prompt_length=4)
 def test_truncation_keep_end_drop_error():
     prompt, response = list(range(100, 106)), list(range(200, 209))  # 6 + 9 tokens
     stats = Counter()
-    p, (r,) = fit(prompt, [response], LIMITS, stats, "f: row 1", "keep_end")
+    p, (r,) = truncate(prompt, [response], LIMITS, stats, "f: row 1", "keep_end")
     assert p == [102, 103, 104, 105] and r == [200, 201, 202, 203, 204, 205]
     assert stats == {"prompt_truncated": 1, "response_truncated": 1}
-    assert fit(prompt, [response], LIMITS, stats, "f: row 1", "drop") is None and stats["dropped"] == 1
+    assert truncate(prompt, [response], LIMITS, stats, "f: row 1", "drop") is None and stats["dropped"] == 1
     with pytest.raises(DataError, match=r"f: row 1: field 'prompt'"):
-        fit(prompt, [response], LIMITS, stats, "f: row 1", "error")
+        truncate(prompt, [response], LIMITS, stats, "f: row 1", "error")
     with pytest.raises(DataError, match=r"f: row 7: field 'response'"):
-        fit([1, 2], [list(range(9))], LIMITS, stats, "f: row 7", "error")
-    assert fit([1, 2], [[3]], LIMITS, Counter(), "f", "error") == ([1, 2], [[3]])  # fits: untouched
+        truncate([1, 2], [list(range(9))], LIMITS, stats, "f: row 7", "error")
+    assert truncate([1, 2], [[3]], LIMITS, Counter(), "f", "error") == ([1, 2], [[3]])  # fits: untouched
 
 
 def test_tokenize_sft_labels_only_the_response():

@@ -18,9 +18,7 @@ import torch
 
 import models
 from conftest import fast_overrides, run_ranks
-from test_online import online_overrides
-from test_rl_trainer import rl_overrides
-from test_trainer import train_run
+from helpers import online_overrides, rl_overrides, train_run
 
 TIMING = ("tokens_per_s", "samples_per_s", "memory/peak_gb")
 

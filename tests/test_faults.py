@@ -15,7 +15,7 @@ from pathlib import Path
 
 import checkpointing
 from conftest import run_ranks, torchrun
-from test_trainer import metrics, train_run
+from helpers import metrics, train_run
 
 # 20 steps, a checkpoint every 5
 OVERRIDES = ["batch_size=8", "eval_batch_size=8", "n_examples=160", "n_eval_examples=8", "lr=1e-3",

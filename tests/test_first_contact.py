@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, fast_overrides, make_cfg, run_ranks
-from test_trainer import metrics, train_run
+from helpers import metrics, train_run
 
 
 def test_data_paths_and_columns_are_set_without_a_plus():

@@ -91,7 +91,7 @@ def test_stages_follow_the_configs():
 
     sft = me.estimate("llama3_8b", "sft", 8, 80, [])
     ppo = me.estimate("llama3_8b", "ppo", 8, 80, [])
-    grpo = me.estimate("llama3_8b", "ppo", 8, 80, ["loss.advantage=grpo"])
+    grpo = me.estimate("llama3_8b", "grpo", 8, 80, [])
     assert grpo["no_checkpointing"]["trained_states"] == sft["no_checkpointing"]["trained_states"]
     assert ppo["no_checkpointing"]["trained_states"] > 1.9 * sft["no_checkpointing"]["trained_states"]
 

@@ -10,7 +10,7 @@ import checkpointing
 import distributed
 from conftest import make_cfg, run_ranks
 from data.selection import best_of_k, best_vs_worst_pairs
-from test_trainer import assert_same_run, metrics
+from helpers import assert_same_run, metrics, online_overrides
 from trainers import TRAINERS
 
 
@@ -47,20 +47,6 @@ def test_best_of_k_keeps_each_prompts_best_then_the_top_fraction():
 
 
 # --- the loops --------------------------------------------------------------------------------
-
-LENGTH_REWARD = "def length(prompt, completion, **row):\n    return float(len(completion))\n"
-
-
-def online_overrides(run_dir, loss, *extra):
-    """An untrained model never adds right: the reward is the completion's length, which varies."""
-    reward = run_dir.parent / "length_reward.py"
-    reward.write_text(LENGTH_REWARD)
-    return [f"loss={loss}", f"run_dir={run_dir}", "datasets=[toy_add_prompts]", f"reward.functions=[{reward}:length]",
-            "sampler=hf", "loss.rollout_batch_size=8", "loss.n_samples_per_prompt=4", "batch_size=2",
-            "n_examples=16", "n_eval_examples=4", "eval_batch_size=4", "eval_every=1000", "eval_at_start=false",
-            "lr=1e-3", "warmup_steps=1", "max_length=48", "max_prompt_length=24", "loss.sampling.max_new_tokens=6",
-            "eval_sampling.max_new_tokens=6", "loss.sampling.temperature=2.0", *extra]
-
 
 class Crash(Exception):
     pass

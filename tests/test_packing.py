@@ -9,31 +9,11 @@ from omegaconf import OmegaConf
 import models
 from data.packing import balanced_bins, first_fit_decreasing, pack, pad, unpack
 from data.tokenize import IGNORE
+from helpers import alone, random_sequences
 from losses import sft_loss
 from trainers import token_logps
 
 TINY = OmegaConf.load(models.REPO / "config" / "model" / "tiny.yaml")
-
-
-def random_sequences(n, rng, vocab=262):
-    seqs = []
-    for _ in range(n):
-        p, r = rng.randint(2, 12), rng.randint(1, 10)
-        ids = [rng.randrange(3, vocab) for _ in range(p + r)]
-        seqs.append({"input_ids": ids, "labels": [IGNORE] * p + ids[p:]})
-    return seqs
-
-
-def alone(model, seq):
-    """log p of each response token of one sequence, computed plainly: no packing, no helpers."""
-    ids = torch.tensor([seq["input_ids"]])
-    logits = model(input_ids=ids, use_cache=False).logits[0].float()
-    logp = torch.log_softmax(logits[:-1], dim=-1)
-    total = torch.zeros(())
-    for t, label in enumerate(seq["labels"][1:]):
-        if label != IGNORE:
-            total = total + logp[t, label]
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import models
 from conftest import fast_overrides, make_cfg, run_ranks
 from data import DataError
 from data.packing import pack
-from test_packing import alone, random_sequences
-from test_trainer import assert_same_run, metrics, train_run
+from helpers import alone, assert_same_run, metrics, random_sequences, train_run
 from trainers import TRAINERS, last_positions, per_sequence, token_logps
 
 TINY = OmegaConf.load(models.REPO / "config" / "model" / "tiny.yaml")
@@ -139,7 +138,7 @@ def test_bad_pairs_fail_before_training(tmp_path, bad, message, single_process):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad])
     cfg = make_cfg(*fast_overrides(tmp_path / "run"), f"datasets=[{path}]", "loss=dpo")
     with pytest.raises(DataError, match=f"{path}: {message}"):
-        TRAINERS["PreferenceTrainer"](cfg, distributed.device())
+        TRAINERS["DPOTrainer"](cfg, distributed.device())
 
 
 def test_sft_rows_given_to_a_preference_loss(tmp_path, single_process):
@@ -153,7 +152,7 @@ def test_rpo_adds_alpha_times_the_chosen_nll(tmp_path, single_process):
     evals = {}
     for alpha in (0.0, 2.0):
         cfg = make_cfg(*fast_overrides(tmp_path / f"a{alpha}"), *PREF, "loss=dpo", f"loss.rpo_alpha={alpha}", "n_examples=8")
-        evals[alpha] = TRAINERS["PreferenceTrainer"](cfg, distributed.device()).evaluate()  # before any step
+        evals[alpha] = TRAINERS["DPOTrainer"](cfg, distributed.device()).evaluate()  # before any step
     nll = evals[2.0]["eval/nll/chosen"]
     assert nll > 0.1  # random init: the chosen replies are unlikely
     assert evals[2.0]["eval/loss"] == pytest.approx(evals[0.0]["eval/loss"] + 2.0 * nll, rel=1e-6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import alive, job_pids, kill_job, run_ranks, torchrun
-from test_trainer import assert_same_run, metrics, train_run
+from helpers import assert_same_run, metrics, train_run
 
 OVERRIDES = ["batch_size=8", "eval_batch_size=8", "n_examples=640", "n_eval_examples=8", "lr=1e-3",
              "warmup_steps=2", "eval_every=160", "max_length=64", "max_prompt_length=32"]
@@ -94,15 +94,12 @@ def test_ctrl_c_on_torchrun_checkpoints_stops_and_resumes_to_the_same_metrics(tm
 
 
 def stop_flags(rank, world):
-    """Rank 0 catches SIGTERM while inside the all-reduce of ``stop_requested`` (the wrapper sends
-    it right after the reduction, as a signal landing during the blocking call is handled once the
-    call returns). The signal must not be lost: the next call stops both ranks."""
-    import distributed
-    from trainers import Trainer
+    """Rank 0 catches SIGTERM while inside the all-reduce of ``StopSignals.requested`` (the wrapper
+    sends it right after the reduction, as a signal landing during the blocking call is handled once
+    the call returns). The signal must not be lost: the next call stops both ranks."""
+    from preemption import StopSignals
 
-    trainer = object.__new__(Trainer)
-    trainer.device, trainer.world = distributed.device(), world
-    trainer.catch_stop_signals()
+    stop = StopSignals()
     real = torch.distributed.all_reduce
     state = {"sent": False}
 
@@ -115,7 +112,7 @@ def stop_flags(rank, world):
 
     torch.distributed.all_reduce = all_reduce
     try:
-        return [trainer.stop_requested() for _ in range(3)]
+        return [stop.requested() for _ in range(3)]
     finally:
         torch.distributed.all_reduce = real
 

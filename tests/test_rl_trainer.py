@@ -16,24 +16,18 @@ import models
 from conftest import make_cfg, run_ranks
 from data.tokenize import prompt_ids, response_ids
 from data.toy import add_answer
-from test_trainer import assert_same_run, metrics
+from helpers import assert_same_run, metrics, rl_overrides
+from rollout import Rollout
 from sampler import Sample, SamplingParams
-from trainers import RLTrainer
+from trainers import TRAINERS, GRPOTrainer
 
 
-def rl_overrides(run_dir, loss="ppo", *extra):
-    return [f"loss={loss}", f"run_dir={run_dir}", "datasets=[toy_add_prompts]", "reward.functions=[toy_add]",
-            "sampler=hf", "loss.rollout_batch_size=4", "loss.n_samples_per_prompt=2", "batch_size=4",
-            "n_examples=8", "n_eval_examples=4", "eval_batch_size=4", "eval_every=1000", "eval_at_start=false",
-            "lr=1e-3", "warmup_steps=1", "max_length=48", "max_prompt_length=24", "loss.sampling.max_new_tokens=8",
-            "eval_sampling.max_new_tokens=8", "loss.critic_init=policy", "loss.critic_lr=1e-3", *extra]
-
-
-class FixedRollout(RLTrainer):
+class FixedCompletions:
     """Samples that depend on the prompt alone, whatever the rank: the right answer, then a wrong
-    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty."""
+    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty. Mixed
+    into the trainer class that ``loss.trainer`` names (``with_fixed_completions``)."""
 
-    def generate(self, examples, params):
+    def complete(self, examples, params):
         outs = []
         for ex in examples:
             answer, group = ex["row"]["answer"], []
@@ -44,11 +38,17 @@ class FixedRollout(RLTrainer):
                     text, ids = "", []
                 group.append(Sample(ids, text, [-0.5 - 0.1 * j for j in range(len(ids))], "stop"))
             outs.append(group)
-        return self.samples_of(examples, outs)
+        return outs
 
     @property
     def first_answer(self):
         return self.train_examples[self.global_batch(0)[0]]["row"]["answer"]
+
+
+def with_fixed_completions(cfg):
+    """The trainer of ``cfg``, with ``FixedCompletions`` instead of its sampler's."""
+    cls = TRAINERS[cfg.loss.trainer]
+    return type(f"Fixed{cls.__name__}", (FixedCompletions, cls), {})(cfg, distributed.device())
 
 
 class Crash(Exception):
@@ -57,7 +57,7 @@ class Crash(Exception):
 
 def rl_run(rank, world, overrides, crash_at=None, fixed=True):
     cfg = make_cfg(*overrides)
-    trainer = (FixedRollout if fixed else RLTrainer)(cfg, distributed.device())
+    trainer = with_fixed_completions(cfg) if fixed else TRAINERS[cfg.loss.trainer](cfg, distributed.device())
     if crash_at is not None:
         step = trainer.train_step
 
@@ -117,18 +117,18 @@ def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
             torch.testing.assert_close(a[k], b[k], msg=k)
 
 
-class EvenAnswersAllRight(RLTrainer):
+class EvenAnswersAllRight(GRPOTrainer):
     """Prompts with an even answer get only right answers (their samples all score 1); the others
     alternate the right answer and a wrong one."""
 
-    def generate(self, examples, params):
+    def complete(self, examples, params):
         outs = []
         for ex in examples:
             answer = ex["row"]["answer"]
             texts = [answer if int(answer) % 2 == 0 or k % 2 == 0 else str(int(answer) + 1) for k in range(params.n)]
             ids = [response_ids(self.tokenizer, t) for t in texts]
             outs.append([Sample(i, t, [-0.5] * len(i), "stop") for i, t in zip(ids, texts)])
-        return self.samples_of(examples, outs)
+        return outs
 
 
 def filter_run(rank, world, overrides):
@@ -170,50 +170,60 @@ def test_filter_groups_trains_only_on_prompts_whose_samples_differ(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
-def test_filter_groups_needs_a_per_prompt_baseline(tmp_path, single_process):
-    cfg = make_cfg(*rl_overrides(tmp_path, "ppo", "loss.filter_groups=true"))
-    with pytest.raises(ValueError, match="filter_groups .* only grpo and rloo"):
-        RLTrainer(cfg, distributed.device())
+def test_filter_groups_needs_a_per_prompt_baseline(tmp_path):
+    """Only GRPO and RLOO have a per-prompt baseline, so only their configs have the key: under
+    loss=ppo it is refused before anything runs (it was a runtime check of loss.advantage)."""
+    import overrides
+
+    with pytest.raises(overrides.OverrideError, match="filter_groups .* not an option of loss=ppo: it is one of "
+                                                      "loss=grpo, loss=rloo"):
+        overrides.check(rl_overrides(tmp_path, "ppo", "loss.filter_groups=true"))
 
 
 # --- advantages, written out --------------------------------------------------------------------
 
-def advantage_trainer(**loss):
-    """An RLTrainer holding only what ``advantages`` reads."""
-    from omegaconf import OmegaConf
-
-    from losses.rl import FixedKLController
-
-    trainer = object.__new__(RLTrainer)
-    defaults = dict(kl_estimator="k1", kl_in_reward=True, n_samples_per_prompt=2, advantage="gae", gamma=1.0,
-                    lam=0.95, whiten_rewards=False, whiten_advantages=False, scale_rewards=True, tis_cap=2.0,
-                    sequence_level=False)
-    trainer.cfg = OmegaConf.create({"loss": {**defaults, **loss}})
-    trainer.kl_ctl = FixedKLController(0.1)
-    trainer.reference, trainer.critic = object(), (object() if loss.get("advantage", "gae") == "gae" else None)
-    trainer.reward_weights, trainer.reward_models = {"f": 1.0}, {}
-    return trainer
-
-
-def rollout():
-    """Four samples (two prompts x 2) of 3, 1, 2 and 3 response tokens."""
+def estimated(tmp_path, loss: str, *extra) -> Rollout:
+    """Four samples (two prompts x 2) of 3, 1, 2 and 3 response tokens, with made-up log-probs
+    and values, through the ``loss`` trainer's KL, advantages and importance weights (kl_coef 0.1,
+    k1)."""
+    cfg = make_cfg(*rl_overrides(tmp_path / loss, loss, "loss.kl_coef=0.1", "loss.kl_estimator=k1", *extra))
+    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
     lengths, scores = [3, 1, 2, 3], [1.0, 0.0, 0.5, 2.0]
+    outs = [Sample([5] * n, "x", [-1.0 - 0.1 * i - 0.2 * t + 0.3 for t in range(n)], "stop")
+            for i, n in enumerate(lengths)]
+    examples = [{"prompt_ids": [1, 2], "prompt": [], "row": {}}] * 2
+    rollout = Rollout.of(examples, [outs[:2], outs[2:]], eos_id=2)
+    rollout.scores = torch.tensor(scores)
+
+    def padded(f):
+        return torch.tensor([[f(i, t) if t < n else 0.0 for t in range(3)] for i, n in enumerate(lengths)])
+
+    rollout.old_logps = padded(lambda i, t: -1.0 - 0.1 * i - 0.2 * t)
+    rollout.ref_logps = padded(lambda i, t: -1.1 - 0.05 * t)
+    if trainer.critic is not None:
+        rollout.old_values = padded(lambda i, t: 0.2 * t - 0.1 * i)
+    trainer.estimate(rollout)
+    return rollout
+
+
+def samples_of(rollout: Rollout) -> list[dict]:
+    """The rollout as plain per-sample lists, to write the formulas out on."""
     out = []
-    for i, (n, score) in enumerate(zip(lengths, scores)):
-        out.append({"response_ids": [5] * n, "score": score, "scores": {"f": score}, "text": "x", "finish_reason": "stop",
-                    "old_logps": [-1.0 - 0.1 * i - 0.2 * t for t in range(n)],
-                    "ref_logps": [-1.1 - 0.05 * t for t in range(n)],
-                    "sampler_logps": [-1.0 - 0.1 * i - 0.2 * t + 0.3 for t in range(n)],
-                    "old_values": [0.2 * t - 0.1 * i for t in range(n)]})
+    for i in range(len(rollout)):
+        n = int(rollout.lengths[i])
+        row = {"score": rollout.scores[i].item(), "n": n}
+        for name in ("old_logps", "ref_logps", "sampler_logps", "old_values", "advantages", "returns", "is_weight"):
+            if getattr(rollout, name) is not None:
+                row[name] = getattr(rollout, name)[i, :n].tolist()
+        out.append(row)
     return out
 
 
-def test_ppo_advantages_are_gae_of_kl_penalised_rewards():
-    samples = rollout()
-    advantage_trainer().advantages(samples)
+def test_ppo_advantages_are_gae_of_kl_penalised_rewards(tmp_path, single_process):
+    samples = samples_of(estimated(tmp_path, "ppo", "loss.whiten_advantages=false", "loss.gamma=1.0", "loss.lam=0.95"))
     gamma, lam, beta = 1.0, 0.95, 0.1
     for s in samples:
-        n = len(s["response_ids"])
+        n = s["n"]
         kl = [s["old_logps"][t] - s["ref_logps"][t] for t in range(n)]
         r = [-beta * kl[t] + (s["score"] if t == n - 1 else 0.0) for t in range(n)]
         v = s["old_values"] + [0.0]
@@ -227,21 +237,19 @@ def test_ppo_advantages_are_gae_of_kl_penalised_rewards():
         assert s["is_weight"] == pytest.approx(w, abs=1e-6)
 
 
-def test_grpo_and_rloo_advantages_are_per_prompt_baselines_broadcast_over_tokens():
-    samples = rollout()
-    advantage_trainer(advantage="grpo", kl_in_reward=False).advantages(samples)
+def test_grpo_and_rloo_advantages_are_per_prompt_baselines_broadcast_over_tokens(tmp_path, single_process):
+    samples = samples_of(estimated(tmp_path, "grpo", "loss.kl_in_reward=false"))
     for group in (samples[:2], samples[2:]):
         a, b = (s["score"] for s in group)
         mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # the unbiased std of two numbers
         for s in group:
-            assert s["advantages"] == pytest.approx([(s["score"] - mean) / (std + 1e-6)] * len(s["response_ids"]), abs=1e-5)
-    samples = rollout()
-    advantage_trainer(advantage="rloo").advantages(samples)
+            assert s["advantages"] == pytest.approx([(s["score"] - mean) / (std + 1e-6)] * s["n"], abs=1e-5)
+    samples = samples_of(estimated(tmp_path, "rloo", "loss.whiten_advantages=false"))
     for group in (samples[:2], samples[2:]):
         # the sequence's KL (k1, summed) comes off its score; the other sample is the baseline
         net = [s["score"] - 0.1 * sum(o - r for o, r in zip(s["old_logps"], s["ref_logps"])) for s in group]
         for s, mine, other in zip(group, net, net[::-1]):
-            assert s["advantages"] == pytest.approx([mine - other] * len(s["response_ids"]), abs=1e-5)
+            assert s["advantages"] == pytest.approx([mine - other] * s["n"], abs=1e-5)
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -262,7 +270,7 @@ def test_failing_reward_functions_are_reported_and_bounded(tmp_path, single_proc
     path.write_text(BAD_REWARDS)
     cfg = make_cfg(*rl_overrides(tmp_path / "some", "grpo", "n_examples=4", "eval_at_end=false", "loss.save_rollouts=true",
                                  f"reward.functions=[{path}:sometimes]", "reward.max_invalid_fraction=1.0"))
-    FixedRollout(cfg, distributed.device()).train()
+    with_fixed_completions(cfg).train()
     (record,) = [r for r in metrics(tmp_path / "some") if "rollout/invalid_fraction" in r]
     rows = [json.loads(line) for line in (tmp_path / "some" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
     failed = [r for r in rows if "error" in r]
@@ -272,10 +280,10 @@ def test_failing_reward_functions_are_reported_and_bounded(tmp_path, single_proc
     assert all(r["text"].startswith("1") or r["text"].endswith("9") for r in failed)
     cfg = make_cfg(*rl_overrides(tmp_path / "all", "grpo", "n_examples=4", f"reward.functions=[{path}:always]"))
     with pytest.raises(RuntimeError, match=r"8 of 8 samples .*always raised KeyError: 'answer_key'"):
-        FixedRollout(cfg, distributed.device()).train()
+        with_fixed_completions(cfg).train()
     cfg = make_cfg(*rl_overrides(tmp_path / "typo", "grpo", f"reward.functions=[{path}:sometime]"))
     with pytest.raises(ValueError, match="has no function 'sometime'"):
-        FixedRollout(cfg, distributed.device())
+        with_fixed_completions(cfg)
 
 
 def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, single_process):
@@ -295,12 +303,15 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, si
         checkpointing.write_hf(dirs[name], weights, config, tok)
     cfg = make_cfg(*rl_overrides(tmp_path / "x", "grpo", f"reward.models=[{dirs['same']},{dirs['other']}]",
                                  "reward.functions=[]"))
-    trainer = FixedRollout(cfg, distributed.device())
+    trainer = with_fixed_completions(cfg)
     examples = trainer.train_examples[:3]
-    samples = trainer.generate(examples, SamplingParams(n=2))
-    samples[1]["response_ids"] = samples[1]["response_ids"][:-1]  # cut before the end-of-turn token
-    trainer.score(samples)
-    assert [trainer.reward_models[str(d)][2] for d in dirs.values()] == [True, False]
+    outs = trainer.complete(examples, SamplingParams(n=2))
+    cut = outs[0][1]  # cut before the end-of-turn token
+    outs[0][1] = Sample(cut.token_ids[:-1], cut.text, cut.logprobs[:-1], cut.finish_reason)
+    rollout = Rollout.of(examples, outs, trainer.tokenizer.eos_token_id)
+    trainer.rewards.score(rollout)
+    samples = [{"prompt": p, "text": t, "scores": sc} for p, t, sc in zip(rollout.prompts, rollout.texts, rollout.reward_scores)]
+    assert [trainer.rewards.models[str(d)][2] for d in dirs.values()] == [True, False]
     for name, d in dirs.items():
         model = AutoModelForSequenceClassification.from_pretrained(d).eval()
         tok = AutoTokenizer.from_pretrained(d)
@@ -309,7 +320,7 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, si
             with torch.no_grad():
                 expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
             assert s["scores"][str(d)] == pytest.approx(expected, abs=1e-4), (name, s["text"])
-    assert samples[0]["score"] == pytest.approx(sum(samples[0]["scores"].values()))
+    assert rollout.scores[0].item() == pytest.approx(sum(samples[0]["scores"].values()))
 
 
 def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, single_process):
@@ -317,9 +328,13 @@ def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, singl
     also what the sampler reports (test_sampler). Checked against a plain unpacked forward of each
     sample."""
     cfg = make_cfg(*rl_overrides(tmp_path / "t", "grpo", "loss.sampling.temperature=2.0"))
-    trainer = FixedRollout(cfg, distributed.device())
-    samples = trainer.generate(trainer.train_examples[:3], SamplingParams(n=2))
-    trainer.rollout_logps(samples)
+    trainer = with_fixed_completions(cfg)
+    examples = trainer.train_examples[:3]
+    rollout = Rollout.of(examples, trainer.complete(examples, SamplingParams(n=2)), trainer.tokenizer.eos_token_id)
+    trainer.score_tokens(rollout)
+    samples = [{"prompt_ids": rollout.prompt_ids[i], "response_ids": rollout.response(i),
+                "old_logps": rollout.old_logps[i, : rollout.lengths[i]].tolist(),
+                "ref_logps": rollout.ref_logps[i, : rollout.lengths[i]].tolist()} for i in range(len(rollout))]
     model = models.load_model(cfg.model, torch.device("cpu"), seed=cfg.seed).eval()
     for s in samples:
         ids = s["prompt_ids"] + s["response_ids"]

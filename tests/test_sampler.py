@@ -35,7 +35,7 @@ from conftest import REPO, make_cfg, run_ranks
 from data.packing import pack, unpack
 from data.tokenize import IGNORE, prompt_ids
 from losses.rl import truncated_is_weight
-from trainers import RLTrainer, target_logps
+from trainers import PolicyGradientTrainer, target_logps
 from sampler import HFSampler, SamplingParams, VLLMSampler, build_sampler, weight_groups
 from sampler_ranks import (TINY, max_logp_diff, prompts, recomputed_logps, sampler_override, sft_examples,
                            sft_steps, tiny_model, tokenizer, trained_weights)
@@ -99,7 +99,7 @@ def test_hf_batches_left_padded_and_logprobs_are_the_trainers():
 
 
 def assert_on_policy_weight_is_one(sampler, model, prompt_list):
-    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (RLTrainer.policy_logits
+    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (PolicyGradientTrainer.policy_logits
     on a packed batch) on samples the sampler just drew from the same weights: E_q[pi_old / q] = 1,
     and per token the two log-probs agree (the sampler reports the tempered distribution)."""
     params = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, seed=3)
@@ -108,7 +108,7 @@ def assert_on_policy_weight_is_one(sampler, model, prompt_list):
     batch = pack([{"input_ids": p + s.token_ids, "labels": [IGNORE] * len(p) + s.token_ids} for p, s in pairs], 1024, 0)
     trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": {"temperature": 0.7}}}))
     with torch.no_grad():
-        old = unpack(target_logps(RLTrainer.policy_logits(trainer, model, batch), batch["targets"])[0], batch, len(pairs))
+        old = unpack(target_logps(PolicyGradientTrainer.policy_logits(trainer, model, batch), batch["targets"])[0], batch, len(pairs))
     old = torch.cat(old)
     q = torch.tensor([x for _, s in pairs for x in s.logprobs])
     weights = truncated_is_weight(old, q, cap=float("inf"))
@@ -267,7 +267,7 @@ def engine(tmp_path_factory):
                                   and not k.startswith("VLLM_"))}
 
     def restore():  # back to the trained weights, engine synced: tests that train undo it
-        sampler.reshard(model)
+        distributed.reshard(model)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.to_local().copy_(_trained_weights()[name])  # a world of one: the shard is the whole
@@ -380,7 +380,7 @@ def test_vllm_text_is_the_tokenizers_decode(trained_engine):
     """A random model emits byte tokens that form no character; vLLM's own detokenizer drops
     them, the samplers both return ``tokenizer.decode`` (U+FFFD where bytes are invalid)."""
     engine = trained_engine
-    sampler.reshard(engine.model)
+    distributed.reshard(engine.model)
     with torch.no_grad():
         for name, p in engine.model.named_parameters():
             p.to_local().copy_(plain_tiny().state_dict()[name])

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import REPO, fast_overrides, make_cfg, run_ranks
-from test_trainer import assert_same_run, metrics, train_run
+from helpers import assert_same_run, metrics, train_run
 
 SLURM = REPO / "scripts" / "slurm"
 STAGES = ["sft", "rm", "dpo", "ppo"]

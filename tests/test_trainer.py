@@ -13,41 +13,8 @@ import checkpointing
 import distributed
 import models
 from conftest import fast_overrides, make_cfg, run_ranks
+from helpers import assert_same_run, metrics, train_run
 from trainers import TRAINERS, crossed, warmup_cosine
-
-
-def train_run(rank, world, overrides):
-    cfg = make_cfg(*overrides)
-    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
-    trainer.train()
-    weights = checkpointing.full_state_dict(trainer.model)
-    return weights if rank == 0 else None
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-# Metrics that are counts of ties broken one way or the other (r_chosen > r_rejected, a greedy
-# argmax): where the compared runs round differently, e.g. at step 1 of DPO where the policy equals
-# the reference and every margin is ~0, such a count can jump (0.125 vs 0.0) while every continuous
-# metric agrees to 7 digits. Runs are compared on the continuous ones (the margins, the losses).
-DISCONTINUOUS = ("rewards/accuracy", "task_accuracy")
-
-
-def comparable(records):
-    """Everything but wall-clock speed, the packing layout (which depends on the micro-batch) and
-    the tie-decided counts (``DISCONTINUOUS``)."""
-    drop = ("tokens_per_s", "padding_fraction", "memory/peak_gb")
-    return [{k: v for k, v in r.items() if k not in drop and not k.endswith(DISCONTINUOUS)} for r in records]
-
-
-def assert_same_run(a, b, rtol=1e-5):
-    assert len(a) == len(b)
-    for ra, rb in zip(comparable(a), comparable(b)):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=1e-6), (k, ra, rb)
 
 
 def test_runs_are_compared_on_continuous_metrics_only():
