@@ -1,7 +1,7 @@
-"""Task accuracy by greedy decoding with HF ``generate``, for the toy tasks' verifiers.
-
-Single-process and unsharded: it evaluates an exported model directory (``<run_dir>/LATEST``) or a
-random-init model config, which is what the demo prints before and after each stage.
+"""Task accuracy: of an exported model by greedy decoding with HF ``generate`` (single-process
+and unsharded: ``<run_dir>/LATEST`` or a random-init config, what the demo prints before and after
+each stage), and during training of the completions the colocated sampler gives (collective), each
+checked by the datasets' verifier.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 
 import torch
 
+import distributed
 from data.tokenize import prompt_ids
 
 
@@ -48,6 +49,24 @@ def verifier(datasets: list[str]):
 
     found = {VERIFIERS.get(name) for name in datasets}
     return found.pop() if len(found) == 1 else None
+
+
+def sample_completions(sampler, prompts: list[list[int]], params) -> list[str]:
+    """Collective: one completion of each of ``prompts`` (token lists, the same on every rank);
+    each rank samples a share, every rank gets them all, in order."""
+    outs = sampler.generate(distributed.share(prompts), params)
+    return distributed.gather([o[0].text for o in outs])
+
+
+def verified_fraction(datasets: list[str], prompts: list[list[dict]], completions: list[str],
+                      rows: list[dict] | None = None) -> float | None:
+    """The fraction of ``completions`` (of ``prompts``, with their dataset ``rows``' other fields)
+    the datasets' verifier accepts; None when there is no verifier or nothing to check."""
+    verify = verifier(datasets)
+    if verify is None or not completions:
+        return None
+    rows = rows if rows is not None else [{}] * len(completions)
+    return sum(verify(p, c, **row) for p, c, row in zip(prompts, completions, rows)) / len(completions)
 
 
 def paired_comparison(before: list[float], after: list[float]) -> dict:

@@ -452,16 +452,14 @@ class Trainer:
         verifier for the datasets (the toy tasks), also their task accuracy."""
         record = {"timing/weight_sync": self.sampler.sync_weights(self.model)}
         examples = self.eval_examples[: self.cfg.n_eval_model_samples]
-        mine = distributed.share(examples)
-        prompts = [self.sequences(ex)[0]["input_ids"][: prompt_length(self.sequences(ex)[0])] for ex in mine]
-        outs = self.sampler.generate(prompts, SamplingParams(**self.cfg.eval_sampling))
-        completions = distributed.gather([o[0].text for o in outs])
+        prompts = [seq["input_ids"][: prompt_length(seq)] for seq in (self.sequences(ex)[0] for ex in examples)]
+        completions = evaluation.sample_completions(self.sampler, prompts, SamplingParams(**self.cfg.eval_sampling))
         self.model.eval()
-        rows = [{"prompt": ex["prompt"], "completion": c} for ex, c in zip(examples, completions)]
-        verifier = evaluation.verifier(self.cfg.datasets)
-        if rows and verifier is not None:
-            record["eval/task_accuracy"] = sum(verifier(r["prompt"], r["completion"]) for r in rows) / len(rows)
-        self.metrics.samples(rows, self.step)
+        accuracy = evaluation.verified_fraction(self.cfg.datasets, [ex["prompt"] for ex in examples], completions)
+        if accuracy is not None:
+            record["eval/task_accuracy"] = accuracy
+        self.metrics.samples([{"prompt": ex["prompt"], "completion": c} for ex, c in zip(examples, completions)],
+                             self.step)
         return record
 
     def reward_eval(self) -> dict:
@@ -474,10 +472,9 @@ class Trainer:
         self.rewards.score(rollout)
         rollout = Rollout.cat(distributed.gather([rollout]))
         record = {"eval/reward": rollout.scores.mean().item() if len(rollout) else 0.0}
-        verifier = evaluation.verifier(self.cfg.datasets)
-        if len(rollout) and verifier is not None:
-            record["eval/task_accuracy"] = sum(verifier(p, t, **row) for p, t, row in
-                                               zip(rollout.prompts, rollout.texts, rollout.rows)) / len(rollout)
+        accuracy = evaluation.verified_fraction(self.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)
+        if accuracy is not None:
+            record["eval/task_accuracy"] = accuracy
         self.metrics.samples([{"prompt": p, "completion": t, "score": s} for p, t, s in
                               zip(rollout.prompts, rollout.texts, rollout.scores.tolist())], self.step)
         return record

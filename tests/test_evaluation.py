@@ -47,3 +47,28 @@ def test_paired_comparison_counts_only_the_prompts_the_models_disagree_on():
     assert paired_comparison(before, before) == {"fixed": 0, "broken": 0, "mcnemar_z": 0.0}
     with pytest.raises(ValueError, match="same prompts"):
         paired_comparison(before, after[:-1])
+
+
+def test_sample_during_eval_writes_completions_and_their_verified_accuracy(tmp_path):
+    """SFT with ``sample_during_eval``: each eval writes the greedy completions of the first
+    ``n_eval_model_samples`` eval prompts, and ``eval/task_accuracy`` is the toy verifier's mean
+    over exactly those rows. 3 prompts over 2 ranks (uneven shares) give what 1 rank gives."""
+    import json
+
+    from conftest import fast_overrides, run_ranks
+    from data.toy import REWARDS
+    from helpers import metrics, train_run
+
+    written = {}
+    for world in (1, 2):
+        run_dir = tmp_path / f"w{world}"
+        extra = ["sample_during_eval=true", "sampler=hf", "n_eval_model_samples=3", "eval_sampling.max_new_tokens=6",
+                 "n_examples=16", "eval_every=1000", "eval_at_end=false"]
+        run_ranks(train_run, world, tmp_path, fast_overrides(run_dir) + extra)
+        rows = [json.loads(line) for line in (run_dir / "samples" / "step-0.jsonl").read_text().splitlines()]
+        (record,) = [r for r in metrics(run_dir) if "eval/task_accuracy" in r]
+        assert len(rows) == 3
+        assert record["eval/task_accuracy"] == pytest.approx(sum(REWARDS["toy_add"](r["prompt"], r["completion"])
+                                                                 for r in rows) / 3)
+        written[world] = rows
+    assert written[1] == written[2]
