@@ -397,7 +397,8 @@ def lock(run_dir: str | Path):
 MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start", "eval_at_end", "eval_sampling",
                         "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
                         "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
-                        "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check")
+                        "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check",
+                        "reshard_after_forward")
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:

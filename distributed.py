@@ -158,6 +158,13 @@ def all_max(values: list[float], dev: torch.device) -> list[float]:
     return _all_reduce(values, dev, dist.ReduceOp.MAX)
 
 
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Collective: ``t`` summed over ranks, in place, left on its device (no host sync)."""
+    if world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def _all_reduce(values: list[float], dev: torch.device, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     if world() > 1:

@@ -91,17 +91,23 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_model(model_cfg, device: torch.device, seed: int = 0, head: str = "causal_lm"):
+def load_model(model_cfg, device: torch.device, seed: int = 0, meta: bool = False):
     """Full-precision (fp32 master) weights on CPU; FSDP moves each rank's shard to ``device``.
 
-    Every rank builds the same model: pretrained weights are read by each rank; random init, and
-    any weight a checkpoint lacks, is drawn from ``seed`` (the process's global RNG is restored
-    afterwards, so loading neither depends on nor changes it).
+    Pretrained weights are read from their directory; random init, and any weight a checkpoint
+    lacks, is drawn from ``seed`` (the process's global RNG is restored afterwards, so loading
+    neither depends on nor changes it). ``meta``: the architecture alone, on the meta device
+    (nothing allocated, nothing read but the config), for ``build_sharded``.
     """
     path = weights_path(model_cfg)
     config = model_config(model_cfg)
     attn = attn_implementation(model_cfg.get("attn_implementation") or "auto", device, config)
     dtype = DTYPES[model_cfg.get("load_dtype", "float32")]
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        model.config.use_cache = False
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if path is not None:
@@ -123,7 +129,7 @@ def block_class(model, block_name: str | None = None) -> type:
 
 
 def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, block_name: str | None = None,
-          activation_checkpointing: bool = False):
+          activation_checkpointing: bool = False, reshard_after_forward: bool = True):
     """``fully_shard`` each decoder layer, then the root, with mixed precision and optional offload.
 
     Parameters stay fp32 (the optimizer's master copy); ``param_dtype`` is what forward and
@@ -138,8 +144,50 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
     cls = block_class(model, block_name)
     for module in model.modules():
         if isinstance(module, cls):
-            fully_shard(module, **kwargs)
+            fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def build_sharded(load, mesh, device: torch.device, **shard_kwargs):
+    """Collective: the model ``load(meta)`` returns, sharded over ``mesh`` (``shard``), with about
+    one copy of its weights in host memory at most: every rank builds the architecture on the meta
+    device (nothing allocated) and shards it; rank 0 also loads the model itself (reads the
+    weights, or draws the random init) and sends each rank its shard of each parameter
+    (``distribute_tensor``), one parameter at a time, freeing each once sent; buffers are
+    broadcast. The weights are rank 0's, bitwise, on every rank, as when each rank loaded the
+    whole model itself. With ``cpu_offload`` (shards kept on the host) or one rank, every rank
+    loads the model itself."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or shard_kwargs.get("cpu_offload"):
+        return shard(load(False), mesh, **shard_kwargs)
+    main = dist.get_rank() == 0
+    model = shard(load(True), mesh, **shard_kwargs)
+    model.to_empty(device=device)
+    source = load(False) if main else None
+    with torch.no_grad():
+        params = dict(source.named_parameters()) if main else {}
+        for name, param in model.named_parameters():  # the same order on every rank
+            full = params.pop(name).detach() if main else torch.empty(param.shape, dtype=param.dtype, device=device)
+            param.copy_(distribute_tensor(full.to(device), mesh, param.placements, src_data_rank=0))
+            del full
+            if main:  # drop the source's reference too: its memory goes as its shards go out
+                owner, _, attr = name.rpartition(".")
+                source.get_submodule(owner)._parameters[attr] = None
+        buffers = dict(source.named_buffers()) if main else {}
+        for name, buffer in model.named_buffers():
+            if main:
+                buffer.copy_(buffers[name])
+            dist.broadcast(buffer, src=0)
+        sources = dict(source.named_modules()) if main else {}
+        for module_name, module in model.named_modules():  # tensors kept as plain attributes
+            for key, value in list(vars(module).items()):
+                if torch.is_tensor(value) and not isinstance(value, torch.nn.Parameter):
+                    real = getattr(sources[module_name], key).to(device) if main else torch.empty_like(value, device=device)
+                    dist.broadcast(real, src=0)
+                    setattr(module, key, real)
     return model
 
 
@@ -190,6 +238,8 @@ class RewardModel(torch.nn.Module):
         hidden = lm.config.hidden_size
         self.score = torch.nn.Linear(hidden, 1, bias=False, dtype=lm.dtype)
         # from the run's seed: the process's global RNG differs run to run (torch seeds it randomly)
+        if self.score.weight.is_meta:  # build_sharded fills it from rank 0
+            return
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) / (hidden + 1))
@@ -221,11 +271,15 @@ class RewardModel(torch.nn.Module):
         return out, config
 
 
-def load_reward_model(model_cfg, device: torch.device, seed: int = 0) -> RewardModel:
+def load_reward_model(model_cfg, device: torch.device, seed: int = 0, meta: bool = False) -> RewardModel:
     """A reward model initialised from a causal LM (e.g. the SFT export) with a fresh head, or
-    resumed from a reward-model export (which has a ``score`` head already)."""
+    resumed from a reward-model export (which has a ``score`` head already). ``meta``: as in
+    ``load_model``."""
     path = weights_path(model_cfg)
-    lm = load_model(model_cfg, device, seed=seed)
+    lm = load_model(model_cfg, device, seed=seed, meta=meta)
+    if meta:
+        with torch.device("meta"):
+            return RewardModel(lm, seed=seed)
     rm = RewardModel(lm, seed=seed)
     if path is not None and (lm.config.architectures or [""])[0].endswith("ForSequenceClassification"):
         from transformers import AutoModelForSequenceClassification

@@ -107,4 +107,19 @@ if __name__ == "__main__":
     except overrides.OverrideError as exc:
         rank0_print(f"error: {exc}")
         sys.exit(2)
-    hydra_main()
+    try:
+        hydra_main()
+        code = 0
+    except SystemExit as exc:  # a user error (2), or Hydra's after it printed an error (1)
+        code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
+        code = code or 0
+    # The process group is closed and every file written and flushed (checkpoints are atomic):
+    # leave without the interpreter's teardown, where gloo's threads, destroyed while still
+    # joinable, now and then abort a finished rank ("terminate called without an active
+    # exception", SIGABRT) on a busy machine, failing a run that completed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

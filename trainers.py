@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -225,13 +224,13 @@ class Trainer:
 
     # --- building ---------------------------------------------------------------------------
 
-    def load_model(self, model_cfg):
-        """The unsharded model, full precision, on CPU."""
-        return models.load_model(model_cfg, self.device, seed=self.cfg.seed)
+    def load_model(self, model_cfg, meta: bool = False):
+        """The unsharded model, full precision, on CPU (``meta``: its architecture on the meta device)."""
+        return models.load_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
 
-    def load_scorer(self, model_cfg):
+    def load_scorer(self, model_cfg, meta: bool = False):
         """A reward model (or a critic): a scalar head on the last token."""
-        return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed)
+        return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
 
     def model_config(self, path: str):
         """The policy's model config (dtype, sharding) pointed at another model's directory."""
@@ -240,9 +239,12 @@ class Trainer:
 
     def build_model(self, model_cfg, load=None):
         """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks."""
-        model = (load or self.load_model)(model_cfg)
-        model = models.shard(model, distributed.mesh(), param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
-                             block_name=model_cfg.block_name, activation_checkpointing=self.cfg.activation_checkpointing)
+        load = load or self.load_model
+        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(), self.device,
+                                     param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
+                                     block_name=model_cfg.block_name,
+                                     activation_checkpointing=self.cfg.activation_checkpointing,
+                                     reshard_after_forward=self.cfg.reshard_after_forward)
         if self.packs and self.cfg.packing_check:
             self.check_packing(model, model_cfg)
         return model
@@ -364,26 +366,34 @@ class Trainer:
         self.metrics.close()
 
     def run_micro_batches(self, micro: list, train: bool) -> dict[str, list[float]]:
-        """Forward (and backward) every micro-batch; returns metric sums, already summed over ranks."""
-        terms = distributed.all_sum([sum(self.n_loss_terms(mb) for mb in micro)], self.device)[0]
-        sums = defaultdict(lambda: [0.0, 0.0])
+        """Forward (and backward) every micro-batch; returns metric sums, already summed over ranks.
+        The sums stay on the device until the end: one read of them per update, not a host sync
+        per micro-batch."""
+        terms = distributed.reduce_sum(torch.tensor(float(sum(self.n_loss_terms(mb) for mb in micro)),
+                                                    dtype=torch.float64, device=self.device))
+        sums = {}
+
+        def add(name: str, value, count=0.0):
+            pair = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device).detach().reshape(())
+                                for x in (value, count)])
+            sums[name] = sums[name] + pair if name in sums else pair
+
         for mb in micro:
             batch = self.collate(mb)
             with torch.set_grad_enabled(train):
                 loss_sum, metrics = self.loss(batch, mb)
                 if train:
                     # FSDP averages gradients over ranks; the loss is already a global mean
-                    (loss_sum * self.world / max(terms, 1)).backward()
-            real = (batch["seq_ids"] >= 0).sum().item()
-            sums["loss"][0] += loss_sum.item()
+                    (loss_sum * self.world / terms.to(loss_sum.dtype).clamp(min=1)).backward()
+            real = (batch["seq_ids"] >= 0).sum()
+            add("loss", loss_sum)
             for name, (value, count) in metrics.items():
-                sums[name][0] += float(value.detach() if torch.is_tensor(value) else value)
-                sums[name][1] += float(count)
-            sums["tokens"][0] += real
-            sums["padding"][0] += batch["seq_ids"].numel() - real
-        sums["loss"][1] = terms / self.world  # summed over ranks below: the global count
+                add(name, value, count)
+            add("tokens", real)
+            add("padding", batch["seq_ids"].numel() - real)
+        add("loss", 0.0, terms / self.world)  # summed over ranks below: the global count
         names = sorted(sums)
-        flat = distributed.all_sum([x for n in names for x in sums[n]], self.device)
+        flat = distributed.reduce_sum(torch.cat([sums[n] for n in names])).tolist()
         return {n: flat[2 * i : 2 * i + 2] for i, n in enumerate(names)}
 
     def update(self, micro: list) -> dict:
@@ -564,8 +574,8 @@ class RewardTrainer(PairTrainer):
     ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
     with ``AutoModelForSequenceClassification``."""
 
-    def load_model(self, model_cfg):
-        return self.load_scorer(model_cfg)
+    def load_model(self, model_cfg, meta: bool = False):
+        return self.load_scorer(model_cfg, meta)
 
     def loss(self, batch: dict, micro_batch) -> tuple[torch.Tensor, dict]:
         n, lm_coef = 2 * len(micro_batch), self.cfg.loss.lm_coef

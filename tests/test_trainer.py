@@ -29,14 +29,17 @@ def test_runs_are_compared_on_continuous_metrics_only():
 
 def test_two_ranks_and_accumulation_equal_one_process(tmp_path):
     runs = {
-        "1 rank, no accumulation": (1, 1),
-        "1 rank, 4 micro-batches": (1, 4),
-        "2 ranks, 2 micro-batches": (2, 2),
+        "1 rank, no accumulation": (1, 1, True),
+        "1 rank, 4 micro-batches": (1, 4, True),
+        "2 ranks, 2 micro-batches": (2, 2, True),
+        # FSDP keeps each layer's gathered weights from forward to backward: the same numbers
+        "2 ranks, 2 micro-batches, reshard_after_forward=false": (2, 2, False),
     }
     results = {}
-    for name, (world, accum) in runs.items():
-        run_dir = tmp_path / f"w{world}a{accum}"
-        weights = run_ranks(train_run, world, tmp_path, fast_overrides(run_dir) + [f"gradient_accumulation_steps={accum}"])[0]
+    for name, (world, accum, reshard) in runs.items():
+        run_dir = tmp_path / f"w{world}a{accum}r{reshard}"
+        overrides = [f"gradient_accumulation_steps={accum}", f"reshard_after_forward={str(reshard).lower()}"]
+        weights = run_ranks(train_run, world, tmp_path, fast_overrides(run_dir) + overrides)[0]
         results[name] = (metrics(run_dir), weights)
     (ref_metrics, ref_weights) = results["1 rank, no accumulation"]
     assert ref_metrics[-1]["step"] == 6 and ref_metrics[-1]["eval/loss"] < ref_metrics[0]["eval/loss"]
