@@ -25,6 +25,7 @@ import torch
 import distributed
 import models
 import rewards
+from data.packing import last_positions
 from data.tokenize import IGNORE, prompt_ids, response_ids
 
 log = logging.getLogger("train")
@@ -234,12 +235,3 @@ class Rewards:
             valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
             record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / max(len(valid), 1)
         return record
-
-
-def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Flat index (into ``seq_ids.flatten()``) of each sequence's last token -> [n]."""
-    flat = seq_ids.flatten()
-    valid = flat >= 0
-    positions = torch.arange(flat.numel(), device=flat.device)
-    return torch.zeros(n, dtype=torch.long, device=flat.device).scatter_reduce(
-        0, flat[valid], positions[valid], reduce="amax", include_self=False)

@@ -111,10 +111,11 @@ if __name__ == "__main__":
         hydra_main()
         code = 0
     except SystemExit as exc:  # a user error (2), or Hydra's after it printed an error (1)
-        code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
-        if not isinstance(exc.code, int) and exc.code is not None:
-            print(exc.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
-        code = code or 0
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): what the interpreter does with it
+            print(exc.code, file=sys.stderr)
+            code = 1
     # The process group is closed and every file written and flushed (checkpoints are atomic):
     # leave without the interpreter's teardown, where gloo's threads, destroyed while still
     # joinable, now and then abort a finished rank ("terminate called without an active

@@ -54,7 +54,7 @@ import evaluation
 import models
 import overrides
 from data import DataError, load_rows
-from data.packing import pack, pad, per_sequence, unpack
+from data.packing import last_positions, pack, pad, per_sequence, unpack
 from data.selection import best_of_k, best_vs_worst_pairs
 from data.tokenize import IGNORE, TOKENIZERS
 from losses import sft_loss
@@ -65,7 +65,7 @@ from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, ag
                        token_rewards, truncated_is_weight, value_loss)
 from metrics_log import MetricsLog
 from preemption import StopSignals
-from rollout import TOKEN_FIELDS, Rewards, Rollout, last_positions
+from rollout import TOKEN_FIELDS, Rewards, Rollout
 from sampler import SamplingParams, build_sampler
 
 log = logging.getLogger("train")

@@ -104,6 +104,15 @@ def per_sequence(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.T
     return values.new_zeros(n).index_add(0, seq_ids[valid], values[valid])
 
 
+def last_positions(seq_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat index (into ``seq_ids.flatten()``) of each sequence's last token -> [n]."""
+    flat = seq_ids.flatten()
+    valid = flat >= 0
+    positions = torch.arange(flat.numel(), device=flat.device)
+    return torch.zeros(n, dtype=torch.long, device=flat.device).scatter_reduce(
+        0, flat[valid], positions[valid], reduce="amax", include_self=False)
+
+
 def unpack(values: torch.Tensor, batch: dict, n: int) -> list[torch.Tensor]:
     """The inverse of packing for per-target values: ``values`` [R, L] (e.g. log-probs, aligned
     with ``batch["targets"]``) -> for each of the ``n`` sequences, its values at its targets, in
