@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import logprobs
+
 REPO = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,7 +132,8 @@ def block_class(model, block_name: str | None = None) -> type:
 
 def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, block_name: str | None = None,
           activation_checkpointing: bool = False, reshard_after_forward: bool = True):
-    """``fully_shard`` each decoder layer, then the root, with mixed precision and optional offload.
+    """``fully_shard`` each decoder layer, then the root, with mixed precision and optional offload;
+    a causal LM gets ``model.chunked_logps`` (``logprobs.register``).
 
     Parameters stay fp32 (the optimizer's master copy); ``param_dtype`` is what forward and
     backward compute in, gradients are reduced in fp32.
@@ -146,6 +149,8 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
         if isinstance(module, cls):
             fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)
+    if not isinstance(model, RewardModel):
+        logprobs.register(model)
     return model
 
 

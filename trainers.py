@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 import checkpointing
 import distributed
 import evaluation
+import logprobs
 import models
 import overrides
 from data import DataError, load_rows
@@ -60,7 +61,7 @@ from data.tokenize import IGNORE, TOKENIZERS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
-                       entropy_from_logits, explained_variance, gae, grpo_advantages, kl_penalty, masked_mean,
+                       explained_variance, gae, grpo_advantages, kl_penalty, masked_mean,
                        masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages, sequence_ppo_loss,
                        token_rewards, truncated_is_weight, value_loss)
 from metrics_log import MetricsLog
@@ -86,19 +87,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
 def crossed(every: int | None, before: int, after: int) -> bool:
     """True when the counter passed a multiple of ``every`` going from ``before`` to ``after``."""
     return bool(every) and after // every > before // every
-
-
-def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) at every position, in fp32, zero where there is no target; and that mask."""
-    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-    mask = (targets != IGNORE).to(logps.dtype)
-    return logps.view_as(targets) * mask, mask
-
-
-def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``target_logps`` of a causal LM's forward over a packed batch."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return target_logps(out.logits, batch["targets"])
 
 
 class Trainer:
@@ -177,7 +165,7 @@ class Trainer:
 
     def loss(self, batch: dict, micro_batch) -> tuple[torch.Tensor, dict]:
         """Summed loss of a packed micro-batch, and extra metrics as {name: (sum, count)}."""
-        logps, mask = token_logps(self.model, batch)
+        logps, mask = self.token_logps(self.model, batch)
         return sft_loss(logps, mask), {}
 
     def before_training(self):
@@ -247,6 +235,8 @@ class Trainer:
                                      reshard_after_forward=self.cfg.reshard_after_forward)
         if self.packs and self.cfg.packing_check:
             self.check_packing(model, model_cfg)
+        if self.cfg.logprob_chunk_tokens and not isinstance(model, models.RewardModel):
+            self.check_logprob_head(model, model_cfg)
         return model
 
     def frozen_copy(self, model_cfg):
@@ -280,6 +270,21 @@ class Trainer:
             return
         raise models.ConfigError(f"{what}: set packing=false (or packing=auto to fall back to padding), "
                                  f"or a model.attn_implementation whose mask honours position_ids")
+
+    def check_logprob_head(self, model, model_cfg):
+        """Collective: refuse a model whose logits are not ``lm_head(last hidden state)`` (soft-capped
+        or scaled after the head), which chunked log-probs would silently get wrong."""
+        error = logprobs.head_error(model, self.device)
+        distributed.reshard(model)
+        if error > models.PACKING_TOLERANCE[model_cfg.fsdp_policy_mp]:
+            raise models.ConfigError(
+                f"{type(model).__name__.removeprefix('FSDP')} (model_type {model.config.model_type}) computes its "
+                f"logits from more than its LM head (chunked log-probs differ from its own logits by {error:.3g}): "
+                f"set logprob_chunk_tokens=null to compute log-probs from the model's full logits")
+
+    def token_logps(self, model, batch: dict, temperature: float = 1.0, **entropy):
+        """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
+        return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
 
     def load_examples(self, split: str) -> list[dict]:
         examples, tokenize = [], TOKENIZERS[self.row_format]
@@ -585,7 +590,7 @@ class RewardTrainer(PairTrainer):
         total = bradley_terry_loss(r_c, r_r, self.cfg.loss.margin).sum()
         extra = {}
         if lm_coef > 0:  # mean NLL per token of each chosen reply
-            logps, mask = target_logps(logits, batch["targets"])
+            logps, mask = logprobs.target_logps(logits, batch["targets"])
             nll = -per_sequence(logps, batch["seq_ids"], n)[0::2] / per_sequence(mask, batch["seq_ids"], n)[0::2]
             total = total + lm_coef * nll.sum()
             extra["lm/nll_chosen"] = nll
@@ -633,13 +638,13 @@ class PreferenceTrainer(PairTrainer):
 
     def loss(self, batch: dict, micro_batch) -> tuple[torch.Tensor, dict]:
         n, mode = 2 * len(micro_batch), self.reference_mode()
-        logps, mask = token_logps(self.model, batch)
+        logps, mask = self.token_logps(self.model, batch)
         seq_logps, seq_tokens = per_sequence(logps, batch["seq_ids"], n), per_sequence(mask, batch["seq_ids"], n)
         if mode == "none":
             ref = torch.zeros_like(seq_logps)
         elif mode == "model":
             with torch.no_grad():
-                ref = per_sequence(token_logps(self.reference, batch)[0], batch["seq_ids"], n)
+                ref = per_sequence(self.token_logps(self.reference, batch)[0], batch["seq_ids"], n)
         else:
             ref = torch.tensor([x for ex in micro_batch for x in ex["ref"]], device=self.device, dtype=seq_logps.dtype)
         losses, r_c, r_r = self.pair_losses(seq_logps[0::2], seq_logps[1::2], seq_tokens[0::2], seq_tokens[1::2],
@@ -680,7 +685,7 @@ class PreferenceTrainer(PairTrainer):
 
         def forward(chunk: list[dict]) -> list[tuple[float, float]]:
             batch = self.collate(chunk)
-            seq = per_sequence(token_logps(self.model, batch)[0], batch["seq_ids"], 2 * len(chunk)).tolist()
+            seq = per_sequence(self.token_logps(self.model, batch)[0], batch["seq_ids"], 2 * len(chunk)).tolist()
             return list(zip(seq[0::2], seq[1::2]))
 
         mine = distributed.lockstep(forward, distributed.share(examples), size, stand_in=examples[:1] and examples[0])
@@ -865,13 +870,11 @@ class PolicyGradientTrainer(Trainer):
         record.update({"timing/iteration": elapsed, "samples_per_s": n_sampled / elapsed, "kl_coef": self.kl_ctl.value})
         return record
 
-    def policy_logits(self, model, batch: dict) -> torch.Tensor:
-        """Logits at the sampling temperature: the policy being optimised is the distribution the
+    def policy_logps(self, model, batch: dict, **entropy):
+        """Log-probs at the sampling temperature: the policy being optimised is the distribution the
         samples were drawn from, softmax(logits / T), as in verl and OpenRLHF; the sampler reports
         its log-probs of that same distribution (sampler.py)."""
-        raw = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        temperature = self.cfg.loss.sampling.temperature
-        return raw if temperature == 1 else raw.float() / temperature
+        return self.token_logps(model, batch, self.cfg.loss.sampling.temperature, **entropy)
 
     @torch.no_grad()
     def score_tokens(self, rollout: Rollout):
@@ -881,9 +884,9 @@ class PolicyGradientTrainer(Trainer):
         def forward(chunk: list[int]) -> list[dict]:
             part = rollout.select(chunk)
             batch, n = self.collate(part), len(part)
-            out = {"old_logps": unpack(target_logps(self.policy_logits(self.model, batch), batch["targets"])[0], batch, n)}
+            out = {"old_logps": unpack(self.policy_logps(self.model, batch)[0], batch, n)}
             if self.reference is not None:
-                ref = target_logps(self.policy_logits(self.reference, batch), batch["targets"])[0]
+                ref = self.policy_logps(self.reference, batch)[0]
                 out["ref_logps"] = unpack(ref, batch, n)
             if self.critic is not None:
                 out["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
@@ -930,8 +933,7 @@ class PolicyGradientTrainer(Trainer):
         """Summed over the micro-batch with ``aggregation_weights``: divided by the global
         ``n_loss_terms`` it is the mini-batch's aggregated loss."""
         loss, n = self.cfg.loss, len(rollout)
-        logits = self.policy_logits(self.model, batch)
-        logps, mask = target_logps(logits, batch["targets"])
+        logps, mask, entropy = self.policy_logps(self.model, batch, with_entropy=True, entropy_grad=loss.entropy_coef > 0)
         weights = aggregation_weights(mask, batch["seq_ids"], n, loss.aggregation, loss.sampling.max_new_tokens)
         terms, tokens = self.n_loss_terms(rollout), mask.sum()
         if self.sequence_level():
@@ -948,8 +950,6 @@ class PolicyGradientTrainer(Trainer):
             kl = kl_penalty(logps, batch["ref_logps"], loss.kl_estimator) * mask
             total = total + self.kl_ctl.value * (kl * weights).sum()
             metrics["policy/kl"] = (kl.sum().detach(), tokens)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and loss.entropy_coef > 0):
-            entropy = entropy_from_logits(logits.float()) * mask
         total = total - loss.entropy_coef * (entropy * weights).sum()
         metrics["policy/entropy"] = (entropy.sum().detach(), tokens)
         return total + self.critic_loss(batch, mask, weights, metrics), metrics

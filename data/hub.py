@@ -17,7 +17,10 @@ import os
 import re
 from collections import Counter
 
-import datasets
+try:
+    import datasets
+except ImportError:  # only these loaders need it: toy and local data run without (a bare CUDA machine)
+    datasets = None
 
 from data import DataError, check_conversation, check_text, register, where
 
@@ -32,11 +35,17 @@ def _split(split: str) -> str:
     return split
 
 
+def _need_datasets(what: str):
+    if datasets is None:
+        raise DataError(f"{what} is read with the datasets package, which is not installed: pip install datasets")
+
+
 def _files(hub_id: str, path: str | None, patterns: list[str], builder: str) -> list[tuple[str, datasets.Dataset]]:
     """(source, rows) for the data files matching ``patterns`` (globs in the hub repo's layout).
 
     The hub resolves the globs in the repo and gives one dataset over all files; a local copy is
     read file by file so that errors name the actual file and its line."""
+    _need_datasets(hub_id)
     if path is None:
         return [(f"{hub_id}/{','.join(patterns)}", datasets.load_dataset(hub_id, data_files=patterns, split="train"))]
     if not os.path.isdir(path):
@@ -273,6 +282,7 @@ def sharegpt(split: str, path: str | None) -> list[dict]:
     """
     split = _split(split)
     if path is not None and os.path.isfile(path):
+        _need_datasets(path)
         files = [(path, datasets.load_dataset("json", data_files=path, split="train"))]
     else:
         files = _files(SHAREGPT_ID, path, [SHAREGPT_FILE], "json")

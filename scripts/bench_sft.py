@@ -1,6 +1,6 @@
 """SFT throughput, packed vs padded, on the same data through the real trainer (``train.py``).
 
-    python scripts/bench_sft.py [--nproc 2] [--steps 30] [--out bench_sft.json] [-- extra hydra overrides]
+    python scripts/bench_sft.py [--nproc 2] [--steps 30] [--only packed] [--out bench_sft.json] [-- extra hydra overrides]
 
 For each layout it launches ``torchrun train.py packing=<true|false> ...`` on a synthetic chat-like
 dataset with long-tailed lengths, then reads the run's metrics.jsonl. Reported per layout:
@@ -104,6 +104,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+LAYOUTS = ("packed", "padded")
 WARMUP_STEPS = 3  # not timed: the first steps include warm-up
 
 
@@ -142,6 +143,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="bench_sft.json")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: DATASHEET_PEAK)")
+    parser.add_argument("--only", choices=LAYOUTS, help="run one layout only")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
     check_steps(parser, args.steps)
@@ -155,9 +157,10 @@ def main():
         data = workdir / "chat.jsonl"
         synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2)
         results = {layout: run(layout, [f"packing={layout == 'packed'}"], args, data, workdir)
-                   for layout in ("packed", "padded")}
-        params, layers, hidden = model_shape(Path(results["packed"]["run_dir"]) / "LATEST")
-    mean_tokens = results["packed"]["mean_tokens_per_sequence"]
+                   for layout in LAYOUTS if args.only in (None, layout)}
+        first = next(iter(results.values()))
+        params, layers, hidden = model_shape(Path(first["run_dir"]) / "LATEST")
+    mean_tokens = first["mean_tokens_per_sequence"]
     flops_per_token = 6 * params + 12 * layers * hidden * mean_tokens
     add_throughput(results, flops_per_token, peak_per_rank, args.nproc)
     for r in results.values():

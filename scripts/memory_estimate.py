@@ -1,14 +1,16 @@
 """Expected memory per GPU of SFT, DPO and PPO with the default configs: computed, not measured.
 
-    python scripts/memory_estimate.py [--gpus 8] [--gpu-gib 80] [--models llama3_8b,qwen2_5_7b,mistral7b] \
-        [--out memory_estimate.json] [-- extra hydra overrides, e.g. batch_size=128]
+    python scripts/memory_estimate.py [--gpus 8] [--gpu-gib 80] [--ranks-per-node 8] \
+        [--models llama3_8b,qwen2_5_7b,mistral7b,llama3_70b] [--out memory_estimate.json] \
+        [-- extra hydra overrides, e.g. batch_size=128]
 
 The training config of each stage is what ``train.py model=<m> loss=<sft|dpo|ppo|grpo> <overrides>``
 would run (config/config.yaml, config/loss/, config/sampler/), on ``--gpus`` ranks. The model
 shapes are in ``ARCHS`` (each model's config.json on the hub; nothing is downloaded), or a model
 config's ``init`` (model=tiny). Every model is sharded with FSDP2 over all ranks, keeps fp32
 parameters and computes in bf16 (``model.fsdp_policy_mp``). Counted, at the peak of a training
-step (the start of the backward pass), P parameters, N ranks, T tokens in a rank's micro-batch:
+step (the policy's LM head, at the end of its forward or the start of its backward), P
+parameters, N ranks, T tokens in a rank's micro-batch, C = ``logprob_chunk_tokens``:
 
 - trained model (the policy; PPO's critic): fp32 parameters, fp32 gradients and AdamW's two fp32
   states, sharded: 16 P / N bytes. The critic is the reward model's class, whose LM head is kept
@@ -18,21 +20,45 @@ step (the start of the backward pass), P parameters, N ranks, T tokens in a rank
   FSDP2 does not reshard the root after forward (it expects the backward pass), so a frozen
   model's root stays gathered after its first forward;
 - decoder-layer buffers: two layers gathered in bf16 (the current one and the prefetched next)
-  and one layer's gradient in bf16 and again in fp32 for the reduce-scatter: 10 x layer params;
+  and one layer's gradient in bf16 and again in fp32 for the reduce-scatter: 10 x layer params.
+  With ``reshard_after_forward=false`` every model keeps all its layers gathered after a forward
+  (a frozen model for good): 2 x layers x layer params per model, plus the one layer's gradient;
 - activations: the tensors autograd saves, per token and decoder layer in bf16 (``layer_activation_bytes``:
   the count matches what a layer saves, measured in tests/test_memory_estimate.py); with
   activation checkpointing each layer keeps only its input (2 x hidden) and one layer is
   recomputed at a time. T is the bound: every sequence of the micro-batch at full length;
-- logits, T x vocab: bf16 logits, their fp32 copy and the fp32 log-softmax autograd keeps, then
-  in backward that log-softmax, its gradient and the input's: 12 bytes per entry. DPO's
-  reference runs its forward while the policy's log-softmax is kept: 4 + 10 = 14;
+- logits (``head_bytes``), bytes per [position, vocab] entry over min(T, C) positions (T with
+  ``logprob_chunk_tokens=null``). Chunked, each chunk runs under a non-reentrant checkpoint, so
+  forward keeps only per-token log-probs; the peak is one chunk's backward, which recomputes the
+  chunk and then holds the fp32 log-softmax the recomputation saved, cross-entropy's gradient of
+  it and log-softmax's gradient of the logits: 12 bytes (the bf16 logits and their fp32 copy are
+  freed when the recomputation ends; the fp32-to-bf16 gradient, 6 bytes, comes after). RL's
+  entropy without a gradient (``entropy_coef=0``) is transient in forward (fp32 logits, softmax,
+  their product: 12 bytes); with a gradient the recomputation also keeps the fp32 logits and
+  the softmax, and their gradients: 24. After the first chunk the LM head's bf16 gradient,
+  accumulated over the chunks, exists too: + 2 x vocab x hidden. Full logits (C = null): 12 for
+  SFT; DPO's reference runs its forward while the policy's log-softmax is kept: 4 + 10 = 14; RL's
+  entropy of the full logits takes another fp32 copy, a softmax and their product while the
+  bf16 logits and the kept log-softmax exist: 18 (24 with its gradient). Each of these is the CPU
+  allocator's peak, measured in tests/test_memory_estimate.py; CUDA runs the same decomposition
+  (log_softmax + nll_loss, each backward allocating its output), not yet measured there;
 - PPO's vLLM engine on every GPU: ``sampler.gpu_memory_utilization`` x GPU memory when
-  ``sampler.kv_cache_memory_bytes`` is null (the GPU setting); with the config's default
+  ``sampler.kv_cache_memory_bytes`` is null (the GPU setting), at least its bf16 weights (2 P,
+  one whole model per GPU: ``tensor_parallel_size`` is not modelled); with the config's default
   (an explicit KV cache size, for CPU) bf16 weights (2 P) plus that cache; nothing with
-  ``sampler.sleep_mode=true`` (freed while training).
+  ``sampler.sleep_mode=true`` (freed while training) or ``sampler=hf``.
 
 Not counted: the CUDA context, NCCL's buffers, allocator fragmentation, vLLM's own activations,
-and the optimizer step's temporaries, which come after activations and logits are freed.
+the hidden state's gradient (2 T hidden bytes), and the optimizer step's temporaries, which come
+after activations and logits are freed.
+
+Host memory per node while loading (``host_load``), ``--ranks-per-node`` ranks: ``models.build_sharded``
+has every rank build the model on the meta device and rank 0 alone load it (``model.load_dtype``,
+fp32) and send each rank its shard one parameter at a time, so the node holds rank 0's one copy
+(load_dtype bytes x P; the page cache of the safetensors files comes on top, reclaimable); the
+shards go to the GPUs, and stay on the host only when the ranks compute on CPU (then another
+ranks-per-node / N of a copy). Before, every rank loaded the whole model: ranks-per-node copies.
+With ``cpu_offload=true`` every rank still does (not modelled here).
 """
 
 from __future__ import annotations
@@ -56,7 +82,11 @@ ARCHS = {
     "mistral7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       tie_word_embeddings=False),
+    "llama3_70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       tie_word_embeddings=False),
 }
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -147,8 +177,17 @@ class Stage:
     trained: tuple[str, ...]  # trained with AdamW: "policy", "critic"
     frozen: tuple[str, ...]  # "reference", "reward_model"
     tokens: int  # T: a rank's micro-batch, every sequence at full length
-    logits_bytes_per_entry: int  # see the module docstring
+    chunk: int | None  # logprob_chunk_tokens; None: the full logits at once
+    head_bytes: int  # per [position, vocab] entry at the LM head's peak; see the module docstring
     vllm_bytes: float = 0.0
+
+
+def head_bytes(name: str, chunked: bool, resident_reference: bool = False, entropy_grad: bool = False) -> int:
+    if entropy_grad:
+        return 24
+    if chunked:
+        return 12
+    return {"sft": 12, "dpo": 14 if resident_reference else 12}.get(name, 18)  # RL: the entropy of the full logits
 
 
 def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> Stage:
@@ -156,26 +195,32 @@ def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> 
     if cfg.model.fsdp_policy_mp != "bfloat16" or cfg.cpu_offload:
         raise ValueError("modelled: model.fsdp_policy_mp=bfloat16 and cpu_offload=false only")
     per_rank = cfg.batch_size // world // cfg.gradient_accumulation_steps
+    if per_rank == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} over {world} ranks x {cfg.gradient_accumulation_steps} "
+                         f"micro-batches: an empty micro-batch")
+    chunk = cfg.logprob_chunk_tokens
     if name == "sft":
-        return Stage("SFT", ("policy",), (), tokens=per_rank * cfg.max_length, logits_bytes_per_entry=12)
+        return Stage("SFT", ("policy",), (), tokens=per_rank * cfg.max_length, chunk=chunk,
+                     head_bytes=head_bytes(name, bool(chunk)))
     if name == "dpo":
         resident = not cfg.loss.precompute_ref_logps and not cfg.loss.reference_free
-        return Stage("DPO", ("policy",), ("reference",) * resident, tokens=2 * per_rank * cfg.max_length,
-                     logits_bytes_per_entry=14 if resident else 12)
+        return Stage("DPO", ("policy",), ("reference",) * resident, tokens=2 * per_rank * cfg.max_length, chunk=chunk,
+                     head_bytes=head_bytes(name, bool(chunk), resident_reference=resident))
     if name in ("ppo", "grpo"):
         loss = cfg.loss
         return Stage(name.upper(), ("policy",) + ("critic",) * (loss.trainer == "PPOTrainer"),
                      ("reference",) * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
-                     tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens),
-                     logits_bytes_per_entry=12, vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a))
+                     tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens), chunk=chunk,
+                     head_bytes=head_bytes(name, bool(chunk), entropy_grad=loss.entropy_coef > 0),
+                     vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a))
     raise ValueError(f"stage {name!r}: one of sft, dpo, ppo, grpo")
 
 
 def vllm_bytes(sampler, gpu_bytes: float, a: Arch) -> float:
-    if sampler.get("sleep_mode"):
+    if sampler.name == "hf" or sampler.get("sleep_mode"):  # auto: vLLM, as on a GPU machine that has it
         return 0.0
-    if sampler.get("kv_cache_memory_bytes") is None:
-        return sampler.gpu_memory_utilization * gpu_bytes
+    if sampler.get("kv_cache_memory_bytes") is None:  # vLLM refuses to start if its weights exceed the fraction
+        return max(sampler.gpu_memory_utilization * gpu_bytes, 2 * parameters(a))
     return 2 * parameters(a) + sampler.kv_cache_memory_bytes
 
 
@@ -191,18 +236,35 @@ def sharded_state_bytes(role: str, a: Arch) -> int:
     return 4 * (p + a.hidden * (role == "reward_model"))
 
 
-def components(stage: Stage, a: Arch, world: int, checkpointing: bool) -> dict[str, float]:
+def logits_bytes(stage: Stage, a: Arch) -> int:
+    positions = min(stage.tokens, stage.chunk or stage.tokens)
+    # the LM head's gradient is allocated by the first chunk's backward and accumulates while the others run
+    head_gradient = 2 * a.vocab * a.hidden if positions < stage.tokens else 0
+    return stage.head_bytes * positions * a.vocab + head_gradient
+
+
+def components(stage: Stage, a: Arch, world: int, checkpointing: bool, reshard_after_forward: bool = True
+               ) -> dict[str, float]:
     """Bytes per GPU at the peak of a training step, by kind (see the module docstring)."""
     roles = stage.trained + stage.frozen
+    layer_buffers = 10 * layer_params(a) if reshard_after_forward else (
+        len(roles) * 2 * a.layers * layer_params(a) + 6 * layer_params(a))
     return {
         "trained_states": sum(sharded_state_bytes(r, a) for r in stage.trained) / world,
         "frozen_weights": sum(sharded_state_bytes(r, a) for r in stage.frozen) / world,
         "gathered_roots": sum(2 * (root_params(a) + a.hidden * (r in ("critic", "reward_model"))) for r in roles),
-        "layer_buffers": 10 * layer_params(a),
+        "layer_buffers": layer_buffers,
         "activations": len(stage.trained) * stage.tokens * activation_bytes(a, checkpointing),
-        "logits": stage.logits_bytes_per_entry * stage.tokens * a.vocab,
+        "logits": logits_bytes(stage, a),
         "vllm_engine": stage.vllm_bytes,
     }
+
+
+def host_load(a: Arch, load_dtype: str, world: int, ranks_per_node: int) -> dict[str, float]:
+    """Host bytes per node while one model loads (see the module docstring)."""
+    copy = DTYPE_BYTES[load_dtype] * parameters(a)
+    return {"rank0_copy": copy, "cpu_shards": min(ranks_per_node, world) * copy / world,
+            "every_rank_a_copy": min(ranks_per_node, world) * copy}
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -224,24 +286,53 @@ def arch_of(model: str, cfg) -> Arch:
     raise ValueError(f"model={model}: no architecture in ARCHS and no init in config/model/{model}.yaml")
 
 
-def estimate(model: str, stage_name: str, world: int, gpu_gib: float, overrides: list[str]) -> dict:
-    cfg = compose(model, stage_name, overrides)
-    a = arch_of(model, cfg)
+def totals(cfg, stage_name: str, a: Arch, world: int, gpu_gib: float) -> dict[bool, dict[str, float]]:
+    """GiB per GPU by kind, and their total, without (False) and with (True) activation checkpointing."""
     stage = stage_from_config(stage_name, cfg, world, gpu_gib * GIB, a)
-    out = {"model": model, "stage": stage.name, "parameters": parameters(a), "tokens_per_micro_batch": stage.tokens,
-           "default_activation_checkpointing": bool(cfg.activation_checkpointing), "arch": asdict(a)}
+    out = {}
     for ac in (False, True):
-        parts = components(stage, a, world, ac)
-        out["activation_checkpointing" if ac else "no_checkpointing"] = {
-            "total_gib": sum(parts.values()) / GIB, **{k: v / GIB for k, v in parts.items()}}
+        parts = components(stage, a, world, ac, cfg.reshard_after_forward)
+        out[ac] = {"total_gib": sum(parts.values()) / GIB, **{k: v / GIB for k, v in parts.items()}}
     return out
 
 
-def print_table(rows: list[dict], world: int, gpu_gib: float):
+def gpus_needed(cfg, stage_name: str, a: Arch, gpu_gib: float, checkpointing: bool) -> int | None:
+    """The fewest GPUs, in whole nodes of 8, over which the stage fits: the sharded states shrink
+    and so does each rank's micro-batch. None: not at any count the batch allows."""
+    world = 8
+    while cfg.batch_size // world // cfg.gradient_accumulation_steps > 0:
+        if totals(cfg, stage_name, a, world, gpu_gib)[checkpointing]["total_gib"] <= gpu_gib:
+            return world
+        world *= 2
+    return None
+
+
+def estimate(model: str, stage_name: str, world: int, gpu_gib: float, overrides: list[str],
+             ranks_per_node: int = 8) -> dict:
+    cfg = compose(model, stage_name, overrides)
+    a = arch_of(model, cfg)
+    stage = stage_from_config(stage_name, cfg, world, gpu_gib * GIB, a)
+    parts = totals(cfg, stage_name, a, world, gpu_gib)
+    return {"model": model, "stage": stage.name, "parameters": parameters(a), "tokens_per_micro_batch": stage.tokens,
+            "logprob_chunk_tokens": stage.chunk, "default_activation_checkpointing": bool(cfg.activation_checkpointing),
+            "arch": asdict(a), "no_checkpointing": parts[False], "activation_checkpointing": parts[True],
+            "gpus_needed": {"no_checkpointing": gpus_needed(cfg, stage_name, a, gpu_gib, False),
+                            "activation_checkpointing": gpus_needed(cfg, stage_name, a, gpu_gib, True)},
+            "host_load_gib": {k: v / GIB for k, v in host_load(a, cfg.model.load_dtype, world, ranks_per_node).items()}}
+
+
+def fits(r: dict, key: str, gpu_gib: float) -> str:
+    if r[key]["total_gib"] <= gpu_gib:
+        return "yes"
+    needed = r["gpus_needed"][key]
+    return f"no ({needed} GPUs)" if needed else "no (at no count)"
+
+
+def print_table(rows: list[dict], world: int, gpu_gib: float, ranks_per_node: int):
     print(f"Computed memory per GPU, {world} GPUs x {gpu_gib:g} GiB (GiB; activation checkpointing off / on)")
-    print("| model | stage | params | tokens/micro-batch | states | frozen | roots+buffers | activations off/on | "
-          "logits | vLLM | total off | total on |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| model | stage | params | tokens/micro-batch | states | frozen | roots+buffers | activations off/on | "
+          f"logits | vLLM | total off | total on | fits {world}x{gpu_gib:g} GiB, off / on |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         off, on = r["no_checkpointing"], r["activation_checkpointing"]
         def mark(total):  # bold: more than the GPU holds
@@ -250,23 +341,32 @@ def print_table(rows: list[dict], world: int, gpu_gib: float):
         print(f"| {r['model']} | {r['stage']} | {r['parameters'] / 1e9:.2f}B | {r['tokens_per_micro_batch']} | "
               f"{off['trained_states']:.1f} | {off['frozen_weights']:.1f} | "
               f"{off['gathered_roots'] + off['layer_buffers']:.1f} | {off['activations']:.1f} / {on['activations']:.1f} | "
-              f"{off['logits']:.1f} | {off['vllm_engine']:.1f} | {mark(off['total_gib'])} | {mark(on['total_gib'])} |")
+              f"{off['logits']:.1f} | {off['vllm_engine']:.1f} | {mark(off['total_gib'])} | {mark(on['total_gib'])} | "
+              f"{fits(r, 'no_checkpointing', gpu_gib)} / {fits(r, 'activation_checkpointing', gpu_gib)} |")
+    print(f"\nHost memory per node while loading, {ranks_per_node} ranks per node (GiB)")
+    print("| model | rank 0's copy (now) | + the shards, ranks on CPU | every rank a copy (before) |")
+    print("| --- | ---: | ---: | ---: |")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        h = next(r["host_load_gib"] for r in rows if r["model"] == model)
+        print(f"| {model} | {h['rank0_copy']:.0f} | {h['rank0_copy'] + h['cpu_shards']:.0f} | "
+              f"{h['every_rank_a_copy']:.0f} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-gib", type=float, default=80)
-    parser.add_argument("--models", default="llama3_8b,qwen2_5_7b,mistral7b")
+    parser.add_argument("--ranks-per-node", type=int, default=8)
+    parser.add_argument("--models", default="llama3_8b,qwen2_5_7b,mistral7b,llama3_70b")
     parser.add_argument("--stages", default="sft,dpo,ppo")
     parser.add_argument("--out", default="memory_estimate.json")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every stage (after --)")
     args = parser.parse_args()
-    rows = [estimate(m, s, args.gpus, args.gpu_gib, args.overrides)
+    rows = [estimate(m, s, args.gpus, args.gpu_gib, args.overrides, args.ranks_per_node)
             for m in args.models.split(",") for s in args.stages.split(",")]
-    print_table(rows, args.gpus, args.gpu_gib)
-    report = {"gpus": args.gpus, "gpu_gib": args.gpu_gib, "overrides": args.overrides, "computed_not_measured": True,
-              "rows": rows}
+    print_table(rows, args.gpus, args.gpu_gib, args.ranks_per_node)
+    report = {"gpus": args.gpus, "gpu_gib": args.gpu_gib, "ranks_per_node": args.ranks_per_node,
+              "overrides": args.overrides, "computed_not_measured": True, "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

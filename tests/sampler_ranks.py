@@ -26,7 +26,7 @@ import train  # noqa: E402,F401  (registers the ${run_id:} resolver the config u
 from data import load_rows  # noqa: E402
 from data.packing import pack  # noqa: E402
 from data.tokenize import IGNORE, prompt_ids, tokenize_sft  # noqa: E402
-from trainers import token_logps  # noqa: E402
+from logprobs import token_logps  # noqa: E402
 
 TINY = REPO / "config" / "model" / "tiny.yaml"
 

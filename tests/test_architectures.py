@@ -16,7 +16,8 @@ import models
 from conftest import fast_overrides, make_cfg, run_ranks
 from data.packing import pack
 from helpers import random_sequences
-from trainers import TRAINERS, per_sequence, token_logps
+from logprobs import token_logps
+from trainers import TRAINERS, per_sequence
 
 VOCAB = 262
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)

@@ -11,7 +11,7 @@ from data.packing import balanced_bins, first_fit_decreasing, pack, pad, unpack
 from data.tokenize import IGNORE
 from helpers import alone, random_sequences
 from losses import sft_loss
-from trainers import token_logps
+from logprobs import token_logps
 
 TINY = OmegaConf.load(models.REPO / "config" / "model" / "tiny.yaml")
 

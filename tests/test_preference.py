@@ -15,7 +15,8 @@ from conftest import fast_overrides, make_cfg, run_ranks
 from data import DataError
 from data.packing import pack
 from helpers import alone, assert_same_run, metrics, random_sequences, train_run
-from trainers import TRAINERS, last_positions, per_sequence, token_logps
+from logprobs import token_logps
+from trainers import TRAINERS, last_positions, per_sequence
 
 TINY = OmegaConf.load(models.REPO / "config" / "model" / "tiny.yaml")
 

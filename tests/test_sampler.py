@@ -35,7 +35,7 @@ from conftest import REPO, make_cfg, run_ranks
 from data.packing import pack, unpack
 from data.tokenize import IGNORE, prompt_ids
 from losses.rl import truncated_is_weight
-from trainers import PolicyGradientTrainer, target_logps
+from trainers import PolicyGradientTrainer, Trainer
 from sampler import HFSampler, SamplingParams, VLLMSampler, build_sampler, weight_groups
 from sampler_ranks import (TINY, max_logp_diff, prompts, recomputed_logps, sampler_override, sft_examples,
                            sft_steps, tiny_model, tokenizer, trained_weights)
@@ -99,16 +99,17 @@ def test_hf_batches_left_padded_and_logprobs_are_the_trainers():
 
 
 def assert_on_policy_weight_is_one(sampler, model, prompt_list):
-    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (PolicyGradientTrainer.policy_logits
+    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (PolicyGradientTrainer.policy_logps
     on a packed batch) on samples the sampler just drew from the same weights: E_q[pi_old / q] = 1,
     and per token the two log-probs agree (the sampler reports the tempered distribution)."""
     params = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, seed=3)
     out = sampler.generate(prompt_list, params)
     pairs = [(p, s) for p, ss in zip(prompt_list, out) for s in ss]
     batch = pack([{"input_ids": p + s.token_ids, "labels": [IGNORE] * len(p) + s.token_ids} for p, s in pairs], 1024, 0)
-    trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": {"temperature": 0.7}}}))
+    trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": {"temperature": 0.7}}, "logprob_chunk_tokens": 64}))
+    trainer.token_logps = functools.partial(Trainer.token_logps, trainer)
     with torch.no_grad():
-        old = unpack(target_logps(PolicyGradientTrainer.policy_logits(trainer, model, batch), batch["targets"])[0], batch, len(pairs))
+        old = unpack(PolicyGradientTrainer.policy_logps(trainer, model, batch)[0], batch, len(pairs))
     old = torch.cat(old)
     q = torch.tensor([x for _, s in pairs for x in s.logprobs])
     weights = truncated_is_weight(old, q, cap=float("inf"))

@@ -1,0 +1,122 @@
+"""Per-token log-probs (and the entropy RL needs) of a causal LM over a packed batch.
+
+With full logits, a micro-batch of T tokens holds a [T, vocab] fp32 tensor and its log-softmax for
+backward: 6 GiB for 4k tokens over Llama-3's 128k vocabulary. ``token_logps(..., chunk=C)``
+instead runs the decoder to its last hidden state, then the LM head C positions at a time, each
+chunk under ``torch.utils.checkpoint``: forward keeps only the per-token results, backward
+recomputes one chunk's logits at a time. The numbers are the full computation's, chunk by chunk
+(tests/test_logprobs.py). ``chunk=None`` is the full computation itself, ``model(...).logits``.
+
+The chunked path assumes the model's logits are ``lm_head(last_hidden_state)``, as in every
+Llama-style model, soft-capped where the config says so (Gemma-2 and 3); ``head_error`` measures
+it, and the trainer refuses a model where it does not hold (Cohere's logit scale, say) rather than
+train on other numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data.packing import IGNORE
+from losses.rl import entropy_from_logits
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every position, in fp32, zero where there is no target; and that mask."""
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+    mask = (targets != IGNORE).to(logps.dtype)
+    return logps.view_as(targets) * mask, mask
+
+
+def entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``entropy_from_logits``; without ``grad`` autograd keeps nothing for it (a softmax over the
+    vocabulary per position)."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return entropy_from_logits(logits.float())
+
+
+def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, temperature: float, with_entropy: bool,
+               entropy_grad: bool):
+    """One chunk: log p(target) under softmax(head(hidden) / temperature), and its entropy; the
+    logits soft-capped as Gemma-2 and 3 do (``final_logit_softcapping``)."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1:
+        logits = logits / temperature
+    logps = -F.cross_entropy(logits, targets, reduction="none")
+    return logps, entropy(logits, entropy_grad) if with_entropy else torch.zeros_like(logps)
+
+
+def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
+                  with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] log-probs of ``targets`` and entropies (zeros without ``with_entropy``), both zero
+    where there is no target, the LM head
+    applied ``chunk`` positions at a time. Under FSDP2 this runs as a forward of the root module
+    (``register``), so the root's weights (embeddings, LM head) are gathered as in ``model(...)``."""
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden, flat_targets = hidden.flatten(0, 1), targets.clamp(min=0).flatten()
+    head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    recompute = torch.is_grad_enabled()  # without gradients nothing is kept, so there is nothing to recompute
+    parts = []
+    for start in range(0, len(flat_targets), chunk):
+        args = (hidden[start:start + chunk], head, softcap, flat_targets[start:start + chunk], temperature, with_entropy,
+                entropy_grad)
+        parts.append(checkpoint(head_logps, *args, use_reentrant=False) if recompute else head_logps(*args))
+    mask = (targets != IGNORE).float()  # a product, not a view, is what FSDP2 hooks the backward on
+    logps, entropies = (torch.cat(p).view_as(targets) * mask for p in zip(*parts))
+    return logps, entropies
+
+
+def register(model):
+    """Give a sharded causal LM ``model.chunked_logps``, run by FSDP2 as a forward of the root."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.chunked_logps = functools.partial(chunked_logps, model)
+    register_fsdp_forward_method(model, "chunked_logps")
+
+
+def token_logps(model, batch: dict, chunk: int | None = None, temperature: float = 1.0,
+                with_entropy: bool = False, entropy_grad: bool = True):
+    """Log p(target) per position at ``temperature`` (fp32, zero where there is no target) and that
+    mask, and with ``with_entropy`` the entropy of each position's distribution (masked likewise;
+    differentiable only with ``entropy_grad``). ``chunk``: positions per LM-head chunk; None: the
+    full logits of ``model(...)``."""
+    targets = batch["targets"]
+    mask = (targets != IGNORE).float()
+    if chunk is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        if temperature != 1:
+            logits = logits.float() / temperature
+        logps, _ = target_logps(logits, targets)
+        entropies = entropy(logits, entropy_grad) * mask if with_entropy else None
+    else:
+        forward = getattr(model, "chunked_logps", None) or functools.partial(chunked_logps, model)
+        logps, entropies = forward(batch["input_ids"], batch["position_ids"], targets, chunk, temperature,
+                                   with_entropy, entropy_grad)
+        entropies = entropies if with_entropy else None
+    return (logps, mask, entropies) if with_entropy else (logps, mask)
+
+
+@torch.no_grad()
+def head_error(model, device: torch.device) -> float:
+    """Largest difference between the chunked path's log-probs and the full logits' on a probe
+    sequence: ~1e-6 in fp32 where the logits are ``lm_head(last_hidden_state)``. Collective under
+    FSDP (every rank runs the same forwards)."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (1, 12), generator=g).to(device)
+    batch = {"input_ids": ids, "position_ids": torch.arange(12, device=device)[None],
+             "targets": torch.randint(vocab, (1, 12), generator=g).to(device)}
+    was_training = model.training
+    model.eval()
+    try:
+        full, _ = token_logps(model, batch)
+        chunked, _ = token_logps(model, batch, chunk=5)
+    finally:
+        model.train(was_training)
+    return (full - chunked).abs().max().item()
