@@ -7,6 +7,7 @@ with a ``model/`` and a ``loss/`` file; the loss names the trainer class that ru
 import logging
 import os
 import sys
+import time
 import uuid
 
 import hydra
@@ -17,6 +18,7 @@ import distributed
 from data import check_files
 
 log = logging.getLogger("train")
+USER_ERROR_GRACE_S = 10  # how long a rank other than 0 waits, on a user error, for rank 0 to report it and exit
 
 
 def run_id() -> str:
@@ -80,6 +82,10 @@ def main(cfg):
             report_lost_peer(cfg, trainer, exc)
         elif user_error(exc, building=trainer is None) and not (cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
             distributed.report_user_error(exc)
+            if not distributed.is_main():
+                # every rank meets the same bad input; rank 0 alone says so, and a rank that left
+                # first would have torchrun stop rank 0 before its line is out
+                time.sleep(USER_ERROR_GRACE_S)
             raise SystemExit(2) from None  # no traceback: debug=true (or HYDRA_FULL_ERROR=1) shows it
         raise
     finally:
