@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import distributed
+import models
 
 log = logging.getLogger("train")
 
@@ -288,10 +289,12 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None, step: int | None = None):
+def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None, step: int | None = None,
+             adapter: tuple | None = None):
     """Rank 0: a ``from_pretrained`` directory (sharded safetensors, config, tokenizer; with
-    ``step``, ``checkpoint.json`` naming the checkpoint it is), written beside the target and
-    swapped in, so a reader never sees a half-written export."""
+    ``step``, ``checkpoint.json`` naming the checkpoint it is; with ``adapter``, a peft
+    (config, weights) pair, ``adapter/`` for ``PeftModel.from_pretrained``), written beside the
+    target and swapped in, so a reader never sees a half-written export."""
     from huggingface_hub import save_torch_state_dict
 
     out = Path(out_dir)
@@ -312,6 +315,12 @@ def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_c
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if adapter is not None:
+        from safetensors.torch import save_file
+
+        adapter_config, adapter_weights = adapter
+        adapter_config.save_pretrained(tmp / "adapter")
+        save_file({k: v.contiguous() for k, v in adapter_weights.items()}, tmp / "adapter" / "adapter_model.safetensors")
     if step is not None:
         (tmp / EXPORTED).write_text(json.dumps({"step": step}) + "\n")
     if out.exists():
@@ -340,6 +349,7 @@ def on_main(out_dir: str | Path, write, *args, **kwargs):
 def hf_config(model):
     """A copy of a (possibly FSDP-wrapped) HF model's config that names its architecture: a model
     built with ``from_config`` has none, and loaders (vLLM, Auto classes) pick the class by it."""
+    model = models.under_adapters(model)  # a LoRA model's architecture is the one under its adapters
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     config.use_cache = True  # training turns the KV cache off; whoever loads the export generates
@@ -347,15 +357,22 @@ def hf_config(model):
 
 
 def export_hf(model, tokenizer, out_dir: str | Path, step: int | None = None):
-    """Collective: export a causal LM for ``AutoModelForCausalLM.from_pretrained``."""
+    """Collective: export a causal LM for ``AutoModelForCausalLM.from_pretrained``; a LoRA model
+    merged (``models.merged_lora_weights``), with its adapter alone in ``adapter/`` for peft."""
     weights = full_state_dict(model)
+    adapter = None
+    if distributed.is_main() and models.is_lora(model):
+        from peft.utils import get_peft_model_state_dict
+
+        adapter = (model.peft_config["default"], get_peft_model_state_dict(model, state_dict=weights))
+        weights = models.merged_lora_weights(weights, model)
     if distributed.is_main():
-        tied = getattr(model, "_tied_weights_keys", None)
+        tied = getattr(models.under_adapters(model), "_tied_weights_keys", None)
         if model.config.tie_word_embeddings and isinstance(tied, dict):
             for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load
                 weights.pop(key, None)
     on_main(out_dir, write_hf, out_dir, weights, hf_config(model), tokenizer, getattr(model, "generation_config", None),
-            step=step)
+            step=step, adapter=adapter)
 
 
 def lock(run_dir: str | Path):

@@ -120,6 +120,56 @@ def load_model(model_cfg, device: torch.device, seed: int = 0, meta: bool = Fals
     return model
 
 
+def add_lora(model, lora_cfg, seed: int = 0):
+    """``model`` with peft LoRA adapters (``lora``: r, alpha, dropout, target_modules,
+    modules_to_save): the base frozen, the adapters trainable, B = 0 so that it starts as the
+    base model. The adapters' random A is drawn from ``seed``; the global RNG is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, task_type="CAUSAL_LM",
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        modules_to_save=list(lora_cfg.modules_to_save) if lora_cfg.modules_to_save else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def under_adapters(model):
+    """The transformers model a LoRA model wraps (its ``generate`` and forward hooks run there);
+    any other model itself."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def merged_lora_weights(weights: dict, model) -> dict:
+    """The full state dict of a LoRA model (``add_lora``) as the plain model's: each adapted
+    weight W + (alpha / r) B A, a module trained fully (``modules_to_save``) in place of its
+    original, peft's prefixes dropped. What transformers and vLLM load as the trained model."""
+    scaling = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
+    merged = {}
+    for key, value in weights.items():
+        if ".lora_A." in key or ".lora_B." in key or ".original_module." in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            prefix = key.removesuffix(".base_layer.weight")
+            value = value + scaling * weights[f"{prefix}.lora_B.default.weight"] @ weights[f"{prefix}.lora_A.default.weight"]
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        merged[name] = value
+    return merged
+
+
+class AdapterOff:
+    """A LoRA policy with its adapters switched off: the model it started from, so the reference
+    of DPO and of the KL costs no second copy (``Trainer.token_logps`` runs it)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+
 def block_class(model, block_name: str | None = None) -> type:
     """The decoder-layer class to shard: ``model.block_name`` or the model's ``_no_split_modules``."""
     names = [block_name] if block_name else list(getattr(model, "_no_split_modules", None) or [])
@@ -151,6 +201,10 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
     fully_shard(model, **kwargs)
     if not isinstance(model, RewardModel):
         logprobs.register(model)
+    if is_lora(model):  # peft's generate calls the model under the adapters, not the root FSDP hooks
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     return model
 
 

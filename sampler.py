@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 import checkpointing
+import models
 import distributed
 
 log = logging.getLogger("train")
@@ -201,8 +202,8 @@ class HFSampler(Sampler):
         n_calls = len(batches)
         if self.lockstep():
             n_calls = int(distributed.all_max([n_calls], distributed.device())[0])
-        model = self.model
-        was_training, use_cache, gen_config = model.training, model.config.use_cache, model.generation_config
+        model, inner = self.model, models.under_adapters(self.model)
+        was_training, use_cache, gen_config = model.training, model.config.use_cache, inner.generation_config
         model.eval()
         model.config.use_cache = True  # training turns the KV cache off (packing needs it off)
         out = []
@@ -213,7 +214,7 @@ class HFSampler(Sampler):
                     out += self._generate(batches[b], params) if b < len(batches) else self._generate(None, params)
         finally:
             model.train(was_training)
-            model.config.use_cache, model.generation_config = use_cache, gen_config
+            model.config.use_cache, inner.generation_config = use_cache, gen_config
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()
@@ -275,9 +276,10 @@ class HFSampler(Sampler):
                                           + ([TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []))
         track = _Track(tok, params.stop, width, torch.full((len(batch),), dummy), warpers)
         sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        model.generation_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+        inner = models.under_adapters(model)  # a LoRA model generates with the model under its adapters
+        inner.generation_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
                                                    eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)
-        handle = model.register_forward_hook(track.hook)
+        handle = inner.register_forward_hook(track.hook)
         try:
             seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=self.lockstep(),
                                   stopping_criteria=StoppingCriteriaList([track]))
@@ -546,7 +548,10 @@ class VLLMSampler(Sampler):
                 nbytes = sum(p.numel() * p.element_size() for _, p in group)
                 if bucket and size + nbytes > self.bucket_bytes:
                     flush()
-                bucket += [(name, full_tensor(p)) for name, p in group]
+                whole = [(name, full_tensor(p)) for name, p in group]
+                if models.is_lora(model):  # a decoder layer holds its adapters: merged here, as exported
+                    whole = list(models.merged_lora_weights(dict(whole), model).items())
+                bucket += whole
                 size += nbytes
             if bucket:
                 flush()

@@ -91,6 +91,7 @@ def crossed(every: int | None, before: int, after: int) -> bool:
 
 class Trainer:
     row_format = "sft"  # the rows it reads (data/__init__.py); "prompt": it samples its own completions
+    lora_ready = True  # trains with ``lora.r`` > 0 (the reward model does not yet)
     starts_from_a_model = False  # a stage that refines a trained model (warned about when given none)
 
     def __init__(self, cfg, device: torch.device):
@@ -123,7 +124,7 @@ class Trainer:
             log.warning(f"loss={cfg.loss.name} normally starts from a trained model, but model.archive and "
                         f"model.name_or_path are unset: the policy is random init ({cfg.model.name})")
         # 3. the policy, its optimizer, the sampler and the reward models
-        self.model = self.build_model(cfg.model)
+        self.model = self.build_model(cfg.model, load=self.load_policy)
         self.optimizer, self.scheduler = self.optimizer_for(self.model, cfg.lr)
         self.step, self.examples_seen, self.tokens_seen = 0, 0, 0
         self._permutation = (None, None)
@@ -151,6 +152,9 @@ class Trainer:
             raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
+        if cfg.lora.r and not self.lora_ready:
+            raise models.ConfigError(f"lora.r={cfg.lora.r}: loss={cfg.loss.name} does not train with LoRA yet "
+                                     f"(its score head is no peft module): set lora.r=0")
         if cfg.sample_during_eval and self.row_format == "prompt":
             raise models.ConfigError(f"sample_during_eval=true: loss={cfg.loss.name} always evaluates by sampling "
                                      f"(eval/reward, with eval_sampling); drop sample_during_eval")
@@ -216,6 +220,11 @@ class Trainer:
         """The unsharded model, full precision, on CPU (``meta``: its architecture on the meta device)."""
         return models.load_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
 
+    def load_policy(self, model_cfg, meta: bool = False):
+        """The model being trained: ``load_model``, with LoRA adapters where ``lora.r`` is set."""
+        model = self.load_model(model_cfg, meta)
+        return models.add_lora(model, self.cfg.lora, seed=self.cfg.seed) if self.cfg.lora.r else model
+
     def load_scorer(self, model_cfg, meta: bool = False):
         """A reward model (or a critic): a scalar head on the last token."""
         return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
@@ -240,12 +249,15 @@ class Trainer:
         return model
 
     def frozen_copy(self, model_cfg):
-        """A model that is only read (the reference): sharded the same way, no gradients."""
+        """A model that is only read (the reference): sharded the same way, no gradients. With LoRA,
+        the policy itself with its adapters off (``models.AdapterOff``)."""
+        if self.cfg.lora.r and model_cfg is self.cfg.model:
+            return models.AdapterOff(self.model)
         return self.build_model(model_cfg).requires_grad_(False).eval()
 
     def optimizer_for(self, model, lr: float):
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay,
                                       betas=tuple(cfg.adam_betas))
         schedule = warmup_cosine(cfg.warmup_steps, self.total_steps * self.updates_per_step(), cfg.min_lr_ratio)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -284,6 +296,9 @@ class Trainer:
 
     def token_logps(self, model, batch: dict, temperature: float = 1.0, **entropy):
         """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
+        if isinstance(model, models.AdapterOff):
+            with model.policy.disable_adapter():
+                return logprobs.token_logps(model.policy, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
         return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
 
     def load_examples(self, split: str) -> list[dict]:
@@ -578,6 +593,7 @@ class RewardTrainer(PairTrainer):
     trained with the Bradley-Terry loss, optionally with a margin and, as seed 000's
     ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
     with ``AutoModelForSequenceClassification``."""
+    lora_ready = False  # the score head is not a peft module yet
 
     def load_model(self, model_cfg, meta: bool = False):
         return self.load_scorer(model_cfg, meta)
@@ -892,7 +908,7 @@ class PolicyGradientTrainer(Trainer):
                 out["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
             return [{name: values[i].cpu() for name, values in out.items()} for i in range(n)]
 
-        frozen = (self.reference,) if self.reference is not None else ()
+        frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
         mine = distributed.lockstep(forward, distributed.share(list(range(len(rollout)))), self.forward_size(),
                                     stand_in=0, frozen=frozen)
         computed = distributed.gather(mine)

@@ -1,7 +1,7 @@
 """What a run leaves in run_dir, whatever happens to it: SIGKILL of every rank at seeded random
 moments (mid-step, inside a checkpoint's write, inside the final export), each followed by
 ``resume=true``, ends with the metrics.jsonl, LATEST/ and checkpoints of the uninterrupted run, for
-SFT, DPO, GRPO and online DPO; and each way of hurting a run that used to lose or corrupt work: a
+SFT, DPO (also with LoRA), GRPO and online DPO; and each way of hurting a run that used to lose or corrupt work: a
 kill between the last checkpoint and its export, a kill before the first checkpoint, a resume with
 another config, two jobs in one run_dir, a damaged checkpoint, a full disk, Ctrl-C (once, twice),
 and slurm's warning signal arriving twice.
@@ -46,6 +46,8 @@ def rl(run_dir, data, *extra):
 
 RUNS = {
     "dpo": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]"),
+    # LoRA: only the adapters train, the reference is the policy with them off
+    "dpo_lora": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]", "lora.r=8", "lr=1e-2"),
     "grpo": lambda d, data: rl(d, data, "loss=grpo", "reward.functions=[toy_add]"),
     # an untrained model never adds right: the length of a completion is a reward that varies
     "online_dpo": lambda d, data: rl(d, data, "loss=online_dpo", "loss.rollout_batch_size=8", "batch_size=2",
