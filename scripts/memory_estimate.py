@@ -15,6 +15,9 @@ parameters, N ranks, T tokens in a rank's micro-batch, C = ``logprob_chunk_token
 - trained model (the policy; PPO's critic): fp32 parameters, fp32 gradients and AdamW's two fp32
   states, sharded: 16 P / N bytes. The critic is the reward model's class, whose LM head is kept
   but gets no gradient, so neither gradient nor optimizer state;
+- with LoRA (``-- lora.r=16``): the policy's base frozen in fp32 (4 P / N) and 16 bytes per adapter
+  parameter (r (d_in + d_out) per adapted linear), gradients only for the adapters, and no
+  reference model (the policy with its adapters off);
 - frozen model (DPO's and PPO's reference, PPO's reward model): fp32 parameters, 4 P / N;
 - root of every model (embeddings, LM head, final norm), gathered in bf16: 2 x its parameters.
   FSDP2 does not reshard the root after forward (it expects the backward pass), so a frozen
@@ -143,6 +146,22 @@ def parameters(a: Arch) -> int:
     return a.layers * layer_params(a) + root_params(a)
 
 
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_layer_params(a: Arch, r: int, targets) -> int:
+    """A decoder layer's LoRA parameters: r (d_in + d_out) for each adapted linear (peft's
+    ``all-linear`` is all seven; the LM head never)."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    sizes = {"q_proj": (a.hidden, q), "k_proj": (a.hidden, kv), "v_proj": (a.hidden, kv), "o_proj": (q, a.hidden),
+             "gate_proj": (a.hidden, a.intermediate), "up_proj": (a.hidden, a.intermediate),
+             "down_proj": (a.intermediate, a.hidden)}
+    names = LINEARS if targets == "all-linear" else list(targets)
+    if unknown := set(names) - set(LINEARS):
+        raise ValueError(f"lora.target_modules: {sorted(unknown)} not modelled (one of {', '.join(LINEARS)})")
+    return sum(r * sum(sizes[n]) for n in names)
+
+
 # --- activations (bytes per token, bf16 compute) -------------------------------------------------
 
 
@@ -180,6 +199,7 @@ class Stage:
     chunk: int | None  # logprob_chunk_tokens; None: the full logits at once
     head_bytes: int  # per [position, vocab] entry at the LM head's peak; see the module docstring
     vllm_bytes: float = 0.0
+    lora_layer: int = 0  # LoRA parameters per decoder layer of the policy (lora.r > 0); 0: full fine-tuning
 
 
 def head_bytes(name: str, chunked: bool, resident_reference: bool = False, entropy_grad: bool = False) -> int:
@@ -198,21 +218,24 @@ def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> 
     if per_rank == 0:
         raise ValueError(f"batch_size={cfg.batch_size} over {world} ranks x {cfg.gradient_accumulation_steps} "
                          f"micro-batches: an empty micro-batch")
-    chunk = cfg.logprob_chunk_tokens
+    chunk, lora = cfg.logprob_chunk_tokens, cfg.lora
+    lora_layer = lora_layer_params(a, lora.r, lora.target_modules) if lora.r else 0
+    # with LoRA the reference is the policy with its adapters off: no model of its own
+    reference = ("reference",) * (not lora.r)
     if name == "sft":
         return Stage("SFT", ("policy",), (), tokens=per_rank * cfg.max_length, chunk=chunk,
-                     head_bytes=head_bytes(name, bool(chunk)))
+                     head_bytes=head_bytes(name, bool(chunk)), lora_layer=lora_layer)
     if name == "dpo":
         resident = not cfg.loss.precompute_ref_logps and not cfg.loss.reference_free
-        return Stage("DPO", ("policy",), ("reference",) * resident, tokens=2 * per_rank * cfg.max_length, chunk=chunk,
-                     head_bytes=head_bytes(name, bool(chunk), resident_reference=resident))
+        return Stage("DPO", ("policy",), reference * resident, tokens=2 * per_rank * cfg.max_length, chunk=chunk,
+                     head_bytes=head_bytes(name, bool(chunk), resident_reference=resident), lora_layer=lora_layer)
     if name in ("ppo", "grpo"):
         loss = cfg.loss
         return Stage(name.upper(), ("policy",) + ("critic",) * (loss.trainer == "PPOTrainer"),
-                     ("reference",) * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
+                     reference * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
                      tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens), chunk=chunk,
                      head_bytes=head_bytes(name, bool(chunk), entropy_grad=loss.entropy_coef > 0),
-                     vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a))
+                     vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a), lora_layer=lora_layer)
     raise ValueError(f"stage {name!r}: one of sft, dpo, ppo, grpo")
 
 
@@ -224,13 +247,14 @@ def vllm_bytes(sampler, gpu_bytes: float, a: Arch) -> float:
     return 2 * parameters(a) + sampler.kv_cache_memory_bytes
 
 
-def sharded_state_bytes(role: str, a: Arch) -> int:
+def sharded_state_bytes(role: str, a: Arch, lora_layer: int = 0) -> int:
     """Bytes over all ranks of one model's parameters (and, if trained, gradients and AdamW states).
     The critic and the reward model are the reward model's class: the LM plus a scalar head; the
-    critic's LM head gets no gradient, so neither gradient nor optimizer state."""
+    critic's LM head gets no gradient, so neither gradient nor optimizer state. A LoRA policy:
+    its frozen fp32 base, and 16 bytes per adapter parameter."""
     p = parameters(a)
     if role == "policy":
-        return 16 * p
+        return 4 * p + 16 * a.layers * lora_layer if lora_layer else 16 * p
     if role == "critic":
         return 16 * (p + a.hidden - head_params(a)) + 4 * head_params(a)
     return 4 * (p + a.hidden * (role == "reward_model"))
@@ -247,10 +271,12 @@ def components(stage: Stage, a: Arch, world: int, checkpointing: bool, reshard_a
                ) -> dict[str, float]:
     """Bytes per GPU at the peak of a training step, by kind (see the module docstring)."""
     roles = stage.trained + stage.frozen
-    layer_buffers = 10 * layer_params(a) if reshard_after_forward else (
-        len(roles) * 2 * a.layers * layer_params(a) + 6 * layer_params(a))
+    # a layer's gradient, in bf16 and again in fp32 for the reduce-scatter: only the adapters' with LoRA
+    grad = 6 * (stage.lora_layer if stage.lora_layer and "critic" not in stage.trained else layer_params(a))
+    gathered = 2 * layer_params(a) + 2 * stage.lora_layer
+    layer_buffers = 2 * gathered + grad if reshard_after_forward else len(roles) * a.layers * gathered + grad
     return {
-        "trained_states": sum(sharded_state_bytes(r, a) for r in stage.trained) / world,
+        "trained_states": sum(sharded_state_bytes(r, a, stage.lora_layer) for r in stage.trained) / world,
         "frozen_weights": sum(sharded_state_bytes(r, a) for r in stage.frozen) / world,
         "gathered_roots": sum(2 * (root_params(a) + a.hidden * (r in ("critic", "reward_model"))) for r in roles),
         "layer_buffers": layer_buffers,
@@ -314,6 +340,7 @@ def estimate(model: str, stage_name: str, world: int, gpu_gib: float, overrides:
     stage = stage_from_config(stage_name, cfg, world, gpu_gib * GIB, a)
     parts = totals(cfg, stage_name, a, world, gpu_gib)
     return {"model": model, "stage": stage.name, "parameters": parameters(a), "tokens_per_micro_batch": stage.tokens,
+            "lora_parameters": a.layers * stage.lora_layer,
             "logprob_chunk_tokens": stage.chunk, "default_activation_checkpointing": bool(cfg.activation_checkpointing),
             "arch": asdict(a), "no_checkpointing": parts[False], "activation_checkpointing": parts[True],
             "gpus_needed": {"no_checkpointing": gpus_needed(cfg, stage_name, a, gpu_gib, False),

@@ -244,3 +244,32 @@ def test_gpus_needed_is_the_first_count_that_fits():
 
 def test_hf_sampler_holds_no_engine():
     assert me.estimate("llama3_8b", "ppo", 8, 80, ["sampler=hf"])["no_checkpointing"]["vllm_engine"] == 0
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_parameters_are_what_peft_adds(targets):
+    from omegaconf import OmegaConf
+
+    import models
+
+    config = VARIANTS["llama"]
+    model = build(config)
+    base = sum(p.numel() for p in model.parameters())
+    lora = OmegaConf.create({"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": targets, "modules_to_save": None})
+    peft_model = models.add_lora(model, lora)
+    added = sum(p.numel() for p in peft_model.parameters()) - base
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    a = me.Arch.from_config(config)
+    assert a.layers * me.lora_layer_params(a, 8, targets) == added == trainable
+
+
+def test_lora_holds_the_frozen_base_the_adapters_states_and_no_reference():
+    a = me.Arch.from_config(me.ARCHS["llama3_8b"])
+    full = me.estimate("llama3_8b", "dpo", 8, 80, [])["no_checkpointing"]
+    lora = me.estimate("llama3_8b", "dpo", 8, 80, ["lora.r=16"])
+    adapters = a.layers * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # q,o; k,v; gate,up,down
+    assert lora["lora_parameters"] == adapters
+    parts = lora["no_checkpointing"]
+    assert parts["trained_states"] * me.GIB == pytest.approx((4 * me.parameters(a) + 16 * adapters) / 8)
+    assert parts["frozen_weights"] == 0 and full["frozen_weights"] > 0  # the reference is the adapter-off policy
+    assert parts["activations"] == full["activations"] and parts["logits"] == full["logits"]
