@@ -361,12 +361,12 @@ def export_hf(model, tokenizer, out_dir: str | Path, step: int | None = None):
     merged (``models.merged_lora_weights``), with its adapter alone in ``adapter/`` for peft."""
     weights = full_state_dict(model)
     adapter = None
-    if distributed.is_main() and models.is_lora(model):
-        from peft.utils import get_peft_model_state_dict
-
-        adapter = (model.peft_config["default"], get_peft_model_state_dict(model, state_dict=weights))
-        weights = models.merged_lora_weights(weights, model)
     if distributed.is_main():
+        if models.is_lora(model):
+            from peft.utils import get_peft_model_state_dict
+
+            adapter = (model.peft_config["default"], get_peft_model_state_dict(model, state_dict=weights))
+            weights = models.merged_lora_weights(weights, model)
         tied = getattr(models.under_adapters(model), "_tied_weights_keys", None)
         if model.config.tie_word_embeddings and isinstance(tied, dict):
             for key in tied:  # e.g. lm_head.weight: the embedding is saved once and tied on load

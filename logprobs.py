@@ -55,8 +55,7 @@ def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, te
 def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
                   with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] log-probs of ``targets`` and entropies (zeros without ``with_entropy``), both zero
-    where there is no target, the LM head
-    applied ``chunk`` positions at a time. Under FSDP2 this runs as a forward of the root module
+    where there is no target, the LM head applied ``chunk`` positions at a time. Under FSDP2 this runs as a forward of the root module
     (``register``), so the root's weights (embeddings, LM head) are gathered as in ``model(...)``."""
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     hidden, flat_targets = hidden.flatten(0, 1), targets.clamp(min=0).flatten()

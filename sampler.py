@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 
 import checkpointing
-import models
 import distributed
+import models
 
 log = logging.getLogger("train")
 

@@ -298,7 +298,7 @@ class Trainer:
         """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
         if isinstance(model, models.AdapterOff):
             with model.policy.disable_adapter():
-                return logprobs.token_logps(model.policy, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
+                return self.token_logps(model.policy, batch, temperature, **entropy)
         return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
 
     def load_examples(self, split: str) -> list[dict]:
