@@ -1,8 +1,8 @@
 """Sharded checkpoints that are either complete or absent, the Hugging Face export, and the lock
 that keeps one job at a time in a run_dir.
 
-``step-<N>/`` holds the model and optimizer as a ``torch.distributed.checkpoint`` (each rank writes
-its own shards), every rank's RNG state, ``trainer_state.json`` (step, counters, scheduler, the
+``step-<N>/`` holds the model's trained parameters (a LoRA policy's adapters, not its frozen
+base) and optimizer as a ``torch.distributed.checkpoint`` (each rank writes its own shards), every rank's RNG state, ``trainer_state.json`` (step, counters, scheduler, the
 config) and ``manifest.json``: every file of the checkpoint with its size. Everything is written
 into ``step-<N>.tmp/`` first; rank 0 writes the manifest and renames the directory to ``step-<N>/``
 only after every rank has finished, and the rename is atomic, so a run killed mid-save resumes
@@ -76,12 +76,29 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# What trains, and nothing frozen: a LoRA policy's checkpoint holds its adapters (and their
+# optimizer states), not the base, which resume reads again from the model it started from
+# (``Trainer.check_base`` makes sure it is the same)
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+# the state loaded back came from get_state_dict(TRAINED_ONLY) of this model, so its keys are
+# exactly the trained ones, and dcp.load has already refused a checkpoint that lacks any of them
+LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _trained_state(model, optimizer) -> tuple[dict, dict]:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    # a frozen weight tied to another (a LoRA policy's LM head, tied to its frozen embedding)
+    # is still listed under its second name
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def _states(model, optimizer, extra: dict | None) -> dict:
     """The DCP state of the trained model and of any others trained alongside (PPO's critic)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     for name, (m, o) in (extra or {}).items():
-        m_sd, o_sd = get_state_dict(m, o)
+        m_sd, o_sd = _trained_state(m, o)
         state[name] = {"model": m_sd, "optim": o_sd}
     return state
 
@@ -275,9 +292,10 @@ def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
     except CheckpointException as exc:  # its message is every rank's traceback; the first error says it
         cause = next(iter(exc.failures.values()))[0] if exc.failures else exc
         raise RuntimeError(f"cannot read checkpoint {path}: {type(cause).__name__}: {cause}") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=LOAD_TRAINED)
     for name, (m, o) in (extra or {}).items():
-        set_state_dict(m, o, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
+        set_state_dict(m, o, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"],
+                       options=LOAD_TRAINED)
     rng_file = path / f"rng-rank{distributed.rank()}.pt"
     if rng_file.exists():  # absent when resuming on a different number of ranks
         set_rng_state(torch.load(rng_file, weights_only=False))

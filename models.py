@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,26 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import logprobs
+
+
+def _import_torchao_quietly():
+    """torchao (QLoRA's NF4), imported now without its warnings about the CUDA and triton kernels
+    a CPU build lacks (NF4 needs neither): transformers and peft import it anyway where installed."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401
+        import torchao.prototype.mx_formats.config  # noqa: F401 (transformers imports it; it registers an enum noisily)
+    except ImportError:
+        pass
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+_import_torchao_quietly()
 
 REPO = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,8 +144,14 @@ def load_model(model_cfg, device: torch.device, seed: int = 0, meta: bool = Fals
 def add_lora(model, lora_cfg, seed: int = 0):
     """``model`` with peft LoRA adapters (``lora``: r, alpha, dropout, target_modules,
     modules_to_save): the base frozen, the adapters trainable, B = 0 so that it starts as the
-    base model. The adapters' random A is drawn from ``seed``; the global RNG is left as it was."""
+    base model. The adapters' random A is drawn from ``seed``; the global RNG is left as it was.
+    On a ``RewardModel``, the adapters go on the LM inside it: they train the backbone, and the
+    score head (outside peft) trains fully."""
     from peft import LoraConfig, get_peft_model
+
+    if isinstance(model, RewardModel):
+        model.lm = add_lora(model.lm, lora_cfg, seed)
+        return model
 
     targets = lora_cfg.target_modules
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, task_type="CAUSAL_LM",
@@ -133,6 +160,67 @@ def add_lora(model, lora_cfg, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+NF4_BLOCK = 64  # weights per NF4 block (QLoRA's): each block's absmax is its scale
+# scales per block of the second quantization (QLoRA's 256 would refuse small test models on 2
+# ranks); fixed, not chosen per world size, so that the quantized base is the same on any number
+# of ranks and a resume on another one trains the same model
+NF4_SCALE_BLOCK = 64
+
+
+def quantize_base(model, world: int, block_name: str | None = None):
+    """QLoRA (``lora.load_in_4bit``): every frozen linear weight inside the decoder layers becomes
+    a torchao ``NF4Tensor`` (4 bits a weight, a double-quantized scale per 64), which FSDP2
+    shards by rows and all-gathers in NF4; each linear dequantizes its weight to the compute
+    dtype only while it runs. Embeddings, norms and the LM head stay as loaded, and so does
+    everything that trains (the adapters).
+
+    The scales are statistics of the whole tensor, so every rank quantizes the whole model
+    itself (``build_sharded(load_once=False)``): the shards are then slices of one quantization.
+    A weight whose rows or blocks do not split evenly over ``world`` ranks is refused."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError as e:
+        raise ConfigError(f"lora.load_in_4bit=true needs torchao (pip install torchao): {e}") from e
+    cls = block_class(model, block_name)
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, cls):
+            continue
+        for name, linear in layer.named_modules():
+            if not isinstance(linear, torch.nn.Linear) or linear.weight.requires_grad:
+                continue
+            rows, cols = linear.weight.shape
+            groups = rows * cols // (NF4_BLOCK * NF4_SCALE_BLOCK)
+            if rows % world or (rows * cols) % (NF4_BLOCK * NF4_SCALE_BLOCK) or groups % world:
+                raise ConfigError(f"lora.load_in_4bit=true: {layer_name}.{name}.weight [{rows}, {cols}] does not split "
+                                  f"into {world} shards of whole groups of {NF4_BLOCK * NF4_SCALE_BLOCK} weights (NF4 "
+                                  f"blocks of {NF4_BLOCK}, their scales quantized {NF4_SCALE_BLOCK} at a time): run on a "
+                                  f"number of ranks that divides {rows} and {groups}, or set lora.load_in_4bit=false")
+            linear.weight = torch.nn.Parameter(to_nf4(linear.weight.detach(), NF4_BLOCK, NF4_SCALE_BLOCK), requires_grad=False)
+    return model
+
+
+def is_nf4(weight) -> bool:
+    return hasattr(weight, "get_original_weight")
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain tensor: an NF4 one (``quantize_base``) dequantized, any other as is."""
+    return weight.get_original_weight() if is_nf4(weight) else weight
+
+
+def fingerprint(model) -> list[float]:
+    """Two numbers that change when any weight of ``model`` (unsharded) changes: the float64 sum
+    of its parameters and of their squares. What a resumed run checks its starting model by, since
+    a checkpoint holds only what trains."""
+    total, squares = 0.0, 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            for piece in p.detach().reshape(-1).split(1 << 22):  # float64 copies of 4M values at most
+                piece = piece.double()
+                total, squares = total + piece.sum().item(), squares + piece.square().sum().item()
+    return [total, squares]
 
 
 def is_lora(model) -> bool:
@@ -154,6 +242,7 @@ def merged_lora_weights(weights: dict, model) -> dict:
     for key, value in weights.items():
         if ".lora_A." in key or ".lora_B." in key or ".original_module." in key:
             continue
+        value = dense(value)  # QLoRA's base is merged as the model it trained against: dequantized
         if key.endswith(".base_layer.weight"):
             prefix = key.removesuffix(".base_layer.weight")
             value = value + scaling * weights[f"{prefix}.lora_B.default.weight"] @ weights[f"{prefix}.lora_A.default.weight"]
@@ -194,6 +283,14 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
     kwargs = {"mesh": mesh, "mp_policy": policy}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if mesh.size() == 1:
+        # one rank has nothing to shard, and torch 2.13's one-rank FSDP2 path assumes a parameter
+        # gathers as one tensor, which an NF4 weight (three) does not: FSDP leaves those alone
+        kwargs["ignored_params"] = ignored = set()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and is_nf4(module.weight):
+                module.weight = torch.nn.Parameter(module.weight.to(mesh.device_type), requires_grad=False)
+                ignored.add(module.weight)
     cls = block_class(model, block_name)
     for module in model.modules():
         if isinstance(module, cls):
@@ -208,19 +305,19 @@ def shard(model, mesh, param_dtype: str = "float32", cpu_offload: bool = False, 
     return model
 
 
-def build_sharded(load, mesh, device: torch.device, **shard_kwargs):
+def build_sharded(load, mesh, device: torch.device, load_once: bool = True, **shard_kwargs):
     """Collective: the model ``load(meta)`` returns, sharded over ``mesh`` (``shard``), with about
     one copy of its weights in host memory at most: every rank builds the architecture on the meta
     device (nothing allocated) and shards it; rank 0 also loads the model itself (reads the
     weights, or draws the random init) and sends each rank its shard of each parameter
     (``distribute_tensor``), one parameter at a time, freeing each once sent; buffers are
     broadcast. The weights are rank 0's, bitwise, on every rank, as when each rank loaded the
-    whole model itself. With ``cpu_offload`` (shards kept on the host) or one rank, every rank
-    loads the model itself."""
+    whole model itself. With ``cpu_offload`` (shards kept on the host), one rank, or
+    ``load_once=false`` (QLoRA: ``quantize_base``), every rank loads the model itself."""
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
-    if not dist.is_initialized() or dist.get_world_size() == 1 or shard_kwargs.get("cpu_offload"):
+    if not load_once or not dist.is_initialized() or dist.get_world_size() == 1 or shard_kwargs.get("cpu_offload"):
         return shard(load(False), mesh, **shard_kwargs)
     main = dist.get_rank() == 0
     model = shard(load(True), mesh, **shard_kwargs)
@@ -317,15 +414,19 @@ class RewardModel(torch.nn.Module):
 
     def export_weights(self, weights: dict) -> tuple[dict, object]:
         """Full state dict of this module -> (weights, config) of the sequence-classification model."""
-        prefix = self.lm.base_model_prefix
+        lm = under_adapters(self.lm)
+        if is_lora(self.lm):  # the backbone as trained: W + (alpha / r) B A
+            merged = merged_lora_weights({k.removeprefix("lm."): v for k, v in weights.items() if k.startswith("lm.")}, self.lm)
+            weights = {**{f"lm.{k}": v for k, v in merged.items()}, "score.weight": weights["score.weight"]}
+        prefix = lm.base_model_prefix
         out = {}
         for k, v in weights.items():
             if k.startswith(f"lm.{prefix}."):
                 out[k[len("lm."):]] = v
             elif k == "score.weight":
                 out[k] = v
-        config = copy.deepcopy(self.lm.config)
-        arch = type(self.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
+        config = copy.deepcopy(lm.config)
+        arch = type(lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
         config.architectures, config.num_labels = [arch], 1
         return out, config
 

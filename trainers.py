@@ -91,7 +91,6 @@ def crossed(every: int | None, before: int, after: int) -> bool:
 
 class Trainer:
     row_format = "sft"  # the rows it reads (data/__init__.py); "prompt": it samples its own completions
-    lora_ready = True  # trains with ``lora.r`` > 0 (the reward model does not yet)
     starts_from_a_model = False  # a stage that refines a trained model (warned about when given none)
 
     def __init__(self, cfg, device: torch.device):
@@ -124,7 +123,9 @@ class Trainer:
             log.warning(f"loss={cfg.loss.name} normally starts from a trained model, but model.archive and "
                         f"model.name_or_path are unset: the policy is random init ({cfg.model.name})")
         # 3. the policy, its optimizer, the sampler and the reward models
-        self.model = self.build_model(cfg.model, load=self.load_policy)
+        self.base_fingerprint = None  # of the weights the policy starts from (load_policy)
+        self.model = self.build_model(cfg.model, load=self.load_policy, load_once=not cfg.lora.load_in_4bit)
+        self.base_fingerprint = distributed.from_main(self.base_fingerprint)  # rank 0 alone loads it (build_sharded)
         self.optimizer, self.scheduler = self.optimizer_for(self.model, cfg.lr)
         self.step, self.examples_seen, self.tokens_seen = 0, 0, 0
         self._permutation = (None, None)
@@ -152,9 +153,9 @@ class Trainer:
             raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
-        if cfg.lora.r and not self.lora_ready:
-            raise models.ConfigError(f"lora.r={cfg.lora.r}: loss={cfg.loss.name} does not train with LoRA yet "
-                                     f"(its score head is no peft module): set lora.r=0")
+        if cfg.lora.load_in_4bit and not cfg.lora.r:
+            raise models.ConfigError("lora.load_in_4bit=true quantizes the frozen base of a LoRA run: set lora.r "
+                                     "(e.g. lora.r=16), or lora.load_in_4bit=false")
         if cfg.sample_during_eval and self.row_format == "prompt":
             raise models.ConfigError(f"sample_during_eval=true: loss={cfg.loss.name} always evaluates by sampling "
                                      f"(eval/reward, with eval_sampling); drop sample_during_eval")
@@ -207,7 +208,8 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen,
                 "metric_lines": self.metrics.lines, "scheduler": self.scheduler.state_dict(),
-                "world_size": self.world, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                "world_size": self.world, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "base_fingerprint": self.base_fingerprint}
 
     def restore_state(self, state: dict):
         """The counters and schedules of ``trainer_state``, read back from a checkpoint."""
@@ -221,9 +223,17 @@ class Trainer:
         return models.load_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
 
     def load_policy(self, model_cfg, meta: bool = False):
-        """The model being trained: ``load_model``, with LoRA adapters where ``lora.r`` is set."""
+        """The model being trained: ``load_model``, with LoRA adapters where ``lora.r`` is set and
+        its frozen base in NF4 with ``lora.load_in_4bit`` (QLoRA). Records the starting weights'
+        ``models.fingerprint``: a resumed run must start from the same ones."""
         model = self.load_model(model_cfg, meta)
-        return models.add_lora(model, self.cfg.lora, seed=self.cfg.seed) if self.cfg.lora.r else model
+        if not meta:
+            self.base_fingerprint = models.fingerprint(model)
+        if self.cfg.lora.r:
+            model = models.add_lora(model, self.cfg.lora, seed=self.cfg.seed)
+        if self.cfg.lora.load_in_4bit and not meta:
+            model = models.quantize_base(model, self.world, model_cfg.block_name)
+        return model
 
     def load_scorer(self, model_cfg, meta: bool = False):
         """A reward model (or a critic): a scalar head on the last token."""
@@ -234,10 +244,11 @@ class Trainer:
         return OmegaConf.create({**OmegaConf.to_container(self.cfg.model, resolve=True), "archive": path,
                                  "name_or_path": None, "tokenizer_name_or_path": None})
 
-    def build_model(self, model_cfg, load=None):
-        """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks."""
+    def build_model(self, model_cfg, load=None, load_once: bool = True):
+        """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks (``load_once``:
+        as ``models.build_sharded``)."""
         load = load or self.load_model
-        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(), self.device,
+        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(), self.device, load_once=load_once,
                                      param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
                                      block_name=model_cfg.block_name,
                                      activation_checkpointing=self.cfg.activation_checkpointing,
@@ -522,6 +533,17 @@ class Trainer:
         if export:
             self.export(self.run_dir / "LATEST", step=self.step)
 
+    def check_base(self, saved: list[float] | None, path: Path):
+        """Refuse to resume from weights other than those the checkpoint's run started
+        from. A checkpoint holds only what trains; the frozen base of a LoRA policy and the
+        reference are read again from ``model``, which may have been overwritten since."""
+        if saved is None or all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, self.base_fingerprint)):
+            return
+        where = models.weights_path(self.cfg.model) or f"random init from seed={self.cfg.seed}"
+        raise models.ConfigError(f"resume=true: {path} was trained from other starting weights than those at {where} now "
+                                 f"(they changed since: an overwritten export?): put those weights back, or start a new "
+                                 f"run_dir from these")
+
     def last_checkpoint(self) -> str:
         found = checkpointing.complete(self.run_dir)
         return str(found[-1]) if found else "none"
@@ -532,6 +554,7 @@ class Trainer:
             log.info(f"resume=true but {self.run_dir} has no complete checkpoint: starting fresh")
             return
         state = checkpointing.load(path, self.model, self.optimizer, extra=self.extra_models())
+        self.check_base(state.get("base_fingerprint"), path)
         self.restore_state(state)
         self.metrics.truncate(state["metric_lines"], path)  # what the killed run logged after it goes
         log.info(f"resumed from {path} at step {self.step}")
@@ -593,7 +616,6 @@ class RewardTrainer(PairTrainer):
     trained with the Bradley-Terry loss, optionally with a margin and, as seed 000's
     ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
     with ``AutoModelForSequenceClassification``."""
-    lora_ready = False  # the score head is not a peft module yet
 
     def load_model(self, model_cfg, meta: bool = False):
         return self.load_scorer(model_cfg, meta)

@@ -1,14 +1,19 @@
-"""SFT throughput, packed vs padded, on the same data through the real trainer (``train.py``).
+"""SFT throughput, packed vs padded, full fine-tuning vs LoRA and QLoRA, on the same data
+through the real trainer (``train.py``).
 
-    python scripts/bench_sft.py [--nproc 2] [--steps 30] [--only packed] [--out bench_sft.json] [-- extra hydra overrides]
+    python scripts/bench_sft.py [--nproc 2] [--steps 30] [--only packed] [--lora-r 16] [--out bench_sft.json] \
+        [-- extra hydra overrides]
 
-For each layout it launches ``torchrun train.py packing=<true|false> ...`` on a synthetic chat-like
-dataset with long-tailed lengths, then reads the run's metrics.jsonl. Reported per layout:
-real (non-padding) tokens/s (median over steps after the first few), the padding fraction, the
-peak memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), real tokens/s per
-rank (per GPU on CUDA), and model FLOPs utilisation: model FLOPs per token (6 x parameters + 12 x
-layers x hidden x mean sequence length, as in the PaLM paper) times tokens/s, over the peak FLOP/s
-of all ranks. A rank's peak is the datasheet's dense bf16 rate on the GPUs in ``DATASHEET_PEAK``
+For each configuration (packed, padded, and packed with ``lora.r=<--lora-r>``, without and with
+``lora.load_in_4bit``) it launches ``torchrun train.py ...`` on a synthetic chat-like dataset with
+long-tailed lengths, then reads the run's metrics.jsonl. Reported per configuration: the trained
+parameters (the policy's ``requires_grad`` ones, counted on its meta-device build), real
+(non-padding) tokens/s (median over steps after the first few), the padding fraction, the peak
+memory of the busiest rank (CUDA allocator peak on GPU, peak RSS on CPU), real tokens/s per rank
+(per GPU on CUDA), and model FLOPs utilisation: model FLOPs per token (``training_flops``: 6 x
+parameters + 12 x layers x hidden x mean sequence length, as in the PaLM paper; with LoRA the
+frozen weights' gradients are not computed, 4 x parameters + 2 x trained) times tokens/s, over
+the peak FLOP/s of all ranks. A rank's peak is the datasheet's dense bf16 rate on the GPUs in ``DATASHEET_PEAK``
 (or ``--peak-tflops``); on other GPUs and on CPU, the matrix-product FLOP/s timed in this run on
 the same device with the same threads per rank.
 """
@@ -104,7 +109,44 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-LAYOUTS = ("packed", "padded")
+CONFIGS = {"packed": ["packing=true"], "padded": ["packing=false"], "packed+lora": ["packing=true"],
+           "packed+qlora": ["packing=true", "lora.load_in_4bit=true"]}
+
+
+def with_lora(configs: dict, r: int) -> dict:
+    """The configurations' overrides, ``lora.r=r`` added to those named ``+lora`` / ``+qlora``
+    (dropped when ``r`` is 0)."""
+    out = {}
+    for name, settings in configs.items():
+        if "lora" in name.lower():
+            if not r:
+                continue
+            settings = [*settings, f"lora.r={r}"]
+        out[name] = settings
+    return out
+
+
+def trained_parameters(overrides: list[str]) -> int:
+    """The parameters ``train.py <overrides>`` trains: its policy built on the meta device (nothing
+    allocated or read but the config), with the LoRA adapters where ``lora.r`` is set."""
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(REPO))
+    import models
+
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    model = models.load_model(cfg.model, torch.device("cpu"), meta=True)
+    if cfg.lora.r:
+        model = models.add_lora(model, cfg.lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_flops(params: int, trained: int, layers: int, hidden: int, mean_tokens: float) -> float:
+    """Model FLOPs per token of a training step: forward 2 P, backward 2 P for the inputs' gradients
+    and 2 x trained for the weights' (6 P in full fine-tuning), attention 12 x layers x hidden x
+    sequence length."""
+    return 4 * params + 2 * trained + 12 * layers * hidden * mean_tokens
 WARMUP_STEPS = 3  # not timed: the first steps include warm-up
 
 
@@ -143,7 +185,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="bench_sft.json")
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s of one GPU (default: DATASHEET_PEAK)")
-    parser.add_argument("--only", choices=LAYOUTS, help="run one layout only")
+    parser.add_argument("--only", choices=CONFIGS, help="run one configuration only")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the +lora/+qlora rows (0: no such rows)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for train.py, e.g. model=... (after --)")
     args = parser.parse_args()
     check_steps(parser, args.steps)
@@ -156,12 +199,15 @@ def main():
         workdir = Path(tmp)
         data = workdir / "chat.jsonl"
         synthetic_chat(data, n=args.batch_size * args.steps + 40, max_chars=args.max_length * 2)
-        results = {layout: run(layout, [f"packing={layout == 'packed'}"], args, data, workdir)
-                   for layout in LAYOUTS if args.only in (None, layout)}
+        configs = {name: settings for name, settings in with_lora(CONFIGS, args.lora_r).items() if args.only in (None, name)}
+        results = {name: run(name, settings, args, data, workdir) for name, settings in configs.items()}
         first = next(iter(results.values()))
         params, layers, hidden = model_shape(Path(first["run_dir"]) / "LATEST")
     mean_tokens = first["mean_tokens_per_sequence"]
-    flops_per_token = 6 * params + 12 * layers * hidden * mean_tokens
+    flops_per_token = {}
+    for name, r in results.items():
+        r["trained_parameters"] = trained_parameters([*configs[name], *args.overrides])
+        flops_per_token[name] = training_flops(params, r["trained_parameters"], layers, hidden, mean_tokens)
     add_throughput(results, flops_per_token, peak_per_rank, args.nproc)
     for r in results.values():
         del r["run_dir"]
@@ -172,10 +218,11 @@ def main():
     print(f"{device_name(device)}, {args.nproc} rank(s), {params / 1e6:.2f}M parameters, "
           f"peak {peak / 1e9:.1f} GFLOP/s over all ranks ({peak_source})")
     per = "GPU" if device.type == "cuda" else "rank"
-    print(f"{'layout':8} {'real tokens/s':>14} {f'tokens/s/{per}':>15} {'padding':>8} {'peak mem/rank GB':>17} {'MFU':>7}")
-    for layout, r in results.items():
-        print(f"{layout:8} {r['tokens_per_s']:14.0f} {r['tokens_per_s_per_rank']:15.0f} {r['padding_fraction']:8.1%} "
-              f"{r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
+    print(f"{'configuration':13} {'trained params':>14} {'real tokens/s':>14} {f'tokens/s/{per}':>15} {'padding':>8} "
+          f"{'peak mem/rank GB':>17} {'MFU':>7}")
+    for name, r in results.items():
+        print(f"{name:13} {r['trained_parameters'] / 1e6:13.2f}M {r['tokens_per_s']:14.0f} {r['tokens_per_s_per_rank']:15.0f} "
+              f"{r['padding_fraction']:8.1%} {r['peak_memory_gb']:17.2f} {r['mfu']:7.2%}")
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

@@ -45,7 +45,8 @@ QUICK = {
                     "eval_every=1000000", "loss.sampling.max_new_tokens=8"],
     "scripts/generate.py": ["--n-prompts", "8", "--max-new-tokens", "12"],
     "scripts/eval_task.py": ["--n", "8"],
-    "scripts/bench_sft.py": ["--steps", "4", "--batch-size", "8", "--max-length", "128"],
+    "scripts/bench_lora_sync.py": ["--model", "tiny", "--iters", "2", "--prompts", "4", "--max-new-tokens", "8"],
+    "scripts/bench_sft.py": ["--steps", "4", "--batch-size", "8", "--max-length", "128", "--only", "packed+qlora"],
     # one configuration each: the others differ by overrides that other tests run
     "scripts/bench_dpo.py": ["--steps", "4", "--batch-size", "4", "--max-length", "128", "--only", "packed, precomputed"],
     "scripts/bench_ppo.py": ["--iterations", "2", "--prompts", "4", "--n", "2", "--max-new-tokens", "8",

@@ -235,7 +235,8 @@ def throughput(runs: dict, device: torch.device) -> str:
     for stage, r in ok.items():
         # bench_dpo counts a pair as one example; the reference's forward only where it runs inside the timed update
         per_pair = {"mean_tokens_per_sequence": 2 * r["mean_tokens_per_sequence"]}
-        per_token[stage] = flops_per_token(*r["shape"], per_pair, resident_reference=stage == "dpo")
+        params, layers, hidden = r["shape"]  # full fine-tuning: every parameter trained
+        per_token[stage] = flops_per_token(params, params, layers, hidden, per_pair, resident_reference=stage == "dpo")
         r["flops_per_token"] = per_token[stage]
     add_throughput(ok, per_token, peak, nproc=1)
     return f"{peak / 1e12:.3g} TFLOP/s ({source})"

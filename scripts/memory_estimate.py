@@ -18,14 +18,31 @@ parameters, N ranks, T tokens in a rank's micro-batch, C = ``logprob_chunk_token
 - with LoRA (``-- lora.r=16``): the policy's base frozen in fp32 (4 P / N) and 16 bytes per adapter
   parameter (r (d_in + d_out) per adapted linear), gradients only for the adapters, and no
   reference model (the policy with its adapters off);
+- with QLoRA (``-- lora.r=16 lora.load_in_4bit=true``; needs ``lora.r`` > 0): as LoRA, but every
+  nn.Linear weight inside the policy's decoder layers (q, k, v, o, gate, up, down, adapted or not;
+  their biases not) is a torchao ``NF4Tensor`` quantized from the loaded weights (``model.load_dtype``):
+  4 bits a weight, an int8 absmax scaler per block of ``NF4_BLOCK`` (64) weights, one factor in
+  load_dtype per ``NF4_SCALER_BLOCK`` (64) scalers, and per tensor the scalers' mean and the
+  16-entry NF4 table (``nf4_bytes``: 0.5166 bytes a weight). Embeddings, LM head, norms and biases
+  stay in load_dtype; the other models (critic, reward model) are not quantized. FSDP2 shards the
+  NF4 tensors by rows and all-gathers them in NF4, so a gathered policy layer is ``nf4_bytes`` for
+  its linears plus 2 bytes for the rest. Each linear dequantizes its whole weight while it runs
+  and again in its backward (torchao's ``LinearNF4`` saves only the NF4 weight), both transient,
+  never at once: ``dequantize_bytes``, 8 + 3 x load_dtype bytes a weight of the largest linear
+  (20 in fp32: torchao's eager ``get_original_weight`` holds the two int64 nibble indices, the
+  looked-up values, the scaled values and the result at once; the cast to bf16, 6, comes after),
+  the CPU allocator's peak, measured in tests/test_memory_estimate.py. It happens inside a decoder
+  layer, not at the LM head, but is counted on top (``dequantized``): an upper bound by that much;
 - frozen model (DPO's and PPO's reference, PPO's reward model): fp32 parameters, 4 P / N;
 - root of every model (embeddings, LM head, final norm), gathered in bf16: 2 x its parameters.
   FSDP2 does not reshard the root after forward (it expects the backward pass), so a frozen
   model's root stays gathered after its first forward;
-- decoder-layer buffers: two layers gathered in bf16 (the current one and the prefetched next)
-  and one layer's gradient in bf16 and again in fp32 for the reduce-scatter: 10 x layer params.
-  With ``reshard_after_forward=false`` every model keeps all its layers gathered after a forward
-  (a frozen model for good): 2 x layers x layer params per model, plus the one layer's gradient;
+- decoder-layer buffers: two layers gathered in bf16 (the current one and the prefetched next;
+  the largest of the stage's models') and one layer's gradient in bf16 and again in fp32 for the
+  reduce-scatter: 10 x layer params (a LoRA policy's gradient: the adapters' only). With
+  ``reshard_after_forward=false`` every model keeps all its layers gathered after a forward (a
+  frozen model for good): 2 x layers x layer params per model (QLoRA's policy: in NF4), plus the
+  one layer's gradient;
 - activations: the tensors autograd saves, per token and decoder layer in bf16 (``layer_activation_bytes``:
   the count matches what a layer saves, measured in tests/test_memory_estimate.py); with
   activation checkpointing each layer keeps only its input (2 x hidden) and one layer is
@@ -61,7 +78,11 @@ fp32) and send each rank its shard one parameter at a time, so the node holds ra
 (load_dtype bytes x P; the page cache of the safetensors files comes on top, reclaimable); the
 shards go to the GPUs, and stay on the host only when the ranks compute on CPU (then another
 ranks-per-node / N of a copy). Before, every rank loaded the whole model: ranks-per-node copies.
-With ``cpu_offload=true`` every rank still does (not modelled here).
+With ``cpu_offload=true`` every rank still does (not modelled here). With QLoRA
+(``lora.load_in_4bit=true``) there is no load-once either: the NF4 scalers' statistics (the mean
+above all) are of the whole tensor, so every rank loads the whole model in load_dtype and quantizes
+it itself, and the node's peak (``now``) is ranks-per-node whole copies in load_dtype, as before
+load-once (the NF4 copy, about 0.13 of it, and one weight's quantization temporaries on top).
 """
 
 from __future__ import annotations
@@ -90,6 +111,10 @@ ARCHS = {
                        tie_word_embeddings=False),
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# QLoRA's NF4 (torchao ``to_nf4(weight, NF4_BLOCK, NF4_SCALER_BLOCK)``): weights per absmax block,
+# and absmax scalers per block of their own int8 quantization
+NF4_BLOCK = 64
+NF4_SCALER_BLOCK = 64  # models.NF4_SCALE_BLOCK (tests/test_memory_estimate.py checks they agree)
 
 
 @dataclass(frozen=True)
@@ -149,13 +174,50 @@ def parameters(a: Arch) -> int:
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def linear_sizes(a: Arch) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each nn.Linear in a decoder layer."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    return {"q_proj": (a.hidden, q), "k_proj": (a.hidden, kv), "v_proj": (a.hidden, kv), "o_proj": (q, a.hidden),
+            "gate_proj": (a.hidden, a.intermediate), "up_proj": (a.hidden, a.intermediate),
+            "down_proj": (a.intermediate, a.hidden)}
+
+
+def linear_weight_params(a: Arch) -> int:
+    """A decoder layer's nn.Linear weights (no biases): what QLoRA stores in NF4."""
+    return sum(i * o for i, o in linear_sizes(a).values())
+
+
+def nf4_bytes(numel: int, dtype_bytes: int = 4, block: int = NF4_BLOCK, scaler_block: int = NF4_SCALER_BLOCK) -> int:
+    """Storage of one torchao ``NF4Tensor`` of ``numel`` weights quantized from ``dtype_bytes``
+    floats: two 4-bit indices a byte, an int8 scaler per block, a factor per block of (up to)
+    ``scaler_block`` scalers, and per tensor the scalers' mean and the 16-entry NF4 table, the
+    last three in the input's dtype. About 0.5166 bytes a weight."""
+    blocks = numel // block
+    scaler_blocks = -(-blocks // min(scaler_block, blocks))
+    return numel // 2 + blocks + dtype_bytes * (scaler_blocks + 1 + 16)
+
+
+def nf4_layer_bytes(a: Arch, dtype_bytes: int = 4) -> int:
+    """A QLoRA decoder layer's linear weights in NF4, each its own tensor."""
+    return sum(nf4_bytes(i * o, dtype_bytes) for i, o in linear_sizes(a).values())
+
+
+def largest_linear(a: Arch) -> int:
+    return max(i * o for i, o in linear_sizes(a).values())
+
+
+def dequantize_bytes(numel: int, dtype_bytes: int = 4) -> int:
+    """The peak of torchao's dequantization of an NF4 weight (``get_original_weight``, in the
+    dtype it was quantized from): the int64 high and low nibbles (8 bytes a weight), the values
+    looked up in the NF4 table, them scaled and the interleaved result (3 x dtype_bytes), and the
+    dequantized scalers. The cast to bf16 comes after the temporaries are freed (dtype_bytes + 2)."""
+    return (8 + 3 * dtype_bytes) * numel + dtype_bytes * (numel // NF4_BLOCK)
+
+
 def lora_layer_params(a: Arch, r: int, targets) -> int:
     """A decoder layer's LoRA parameters: r (d_in + d_out) for each adapted linear (peft's
     ``all-linear`` is all seven; the LM head never)."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    sizes = {"q_proj": (a.hidden, q), "k_proj": (a.hidden, kv), "v_proj": (a.hidden, kv), "o_proj": (q, a.hidden),
-             "gate_proj": (a.hidden, a.intermediate), "up_proj": (a.hidden, a.intermediate),
-             "down_proj": (a.intermediate, a.hidden)}
+    sizes = linear_sizes(a)
     names = LINEARS if targets == "all-linear" else list(targets)
     if unknown := set(names) - set(LINEARS):
         raise ValueError(f"lora.target_modules: {sorted(unknown)} not modelled (one of {', '.join(LINEARS)})")
@@ -200,6 +262,7 @@ class Stage:
     head_bytes: int  # per [position, vocab] entry at the LM head's peak; see the module docstring
     vllm_bytes: float = 0.0
     lora_layer: int = 0  # LoRA parameters per decoder layer of the policy (lora.r > 0); 0: full fine-tuning
+    nf4_dtype_bytes: int = 0  # QLoRA (lora.load_in_4bit): bytes of the load_dtype the policy's base is quantized from
 
 
 def head_bytes(name: str, chunked: bool, resident_reference: bool = False, entropy_grad: bool = False) -> int:
@@ -219,23 +282,27 @@ def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> 
         raise ValueError(f"batch_size={cfg.batch_size} over {world} ranks x {cfg.gradient_accumulation_steps} "
                          f"micro-batches: an empty micro-batch")
     chunk, lora = cfg.logprob_chunk_tokens, cfg.lora
+    if lora.get("load_in_4bit") and not lora.r:
+        raise ValueError("lora.load_in_4bit=true quantizes the frozen base of a LoRA run: set lora.r (e.g. lora.r=16)")
     lora_layer = lora_layer_params(a, lora.r, lora.target_modules) if lora.r else 0
+    nf4_dtype_bytes = DTYPE_BYTES[cfg.model.load_dtype] if lora.get("load_in_4bit") else 0
+    lora_kw = dict(lora_layer=lora_layer, nf4_dtype_bytes=nf4_dtype_bytes)
     # with LoRA the reference is the policy with its adapters off: no model of its own
     reference = ("reference",) * (not lora.r)
     if name == "sft":
         return Stage("SFT", ("policy",), (), tokens=per_rank * cfg.max_length, chunk=chunk,
-                     head_bytes=head_bytes(name, bool(chunk)), lora_layer=lora_layer)
+                     head_bytes=head_bytes(name, bool(chunk)), **lora_kw)
     if name == "dpo":
         resident = not cfg.loss.precompute_ref_logps and not cfg.loss.reference_free
         return Stage("DPO", ("policy",), reference * resident, tokens=2 * per_rank * cfg.max_length, chunk=chunk,
-                     head_bytes=head_bytes(name, bool(chunk), resident_reference=resident), lora_layer=lora_layer)
+                     head_bytes=head_bytes(name, bool(chunk), resident_reference=resident), **lora_kw)
     if name in ("ppo", "grpo"):
         loss = cfg.loss
         return Stage(name.upper(), ("policy",) + ("critic",) * (loss.trainer == "PPOTrainer"),
                      reference * (loss.kl_coef > 0) + ("reward_model",),  # one reward model
                      tokens=per_rank * (cfg.max_prompt_length + loss.sampling.max_new_tokens), chunk=chunk,
                      head_bytes=head_bytes(name, bool(chunk), entropy_grad=loss.entropy_coef > 0),
-                     vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a), lora_layer=lora_layer)
+                     vllm_bytes=vllm_bytes(cfg.sampler, gpu_bytes, a), **lora_kw)
     raise ValueError(f"stage {name!r}: one of sft, dpo, ppo, grpo")
 
 
@@ -247,12 +314,16 @@ def vllm_bytes(sampler, gpu_bytes: float, a: Arch) -> float:
     return 2 * parameters(a) + sampler.kv_cache_memory_bytes
 
 
-def sharded_state_bytes(role: str, a: Arch, lora_layer: int = 0) -> int:
+def sharded_state_bytes(role: str, a: Arch, lora_layer: int = 0, nf4_dtype_bytes: int = 0) -> int:
     """Bytes over all ranks of one model's parameters (and, if trained, gradients and AdamW states).
     The critic and the reward model are the reward model's class: the LM plus a scalar head; the
     critic's LM head gets no gradient, so neither gradient nor optimizer state. A LoRA policy:
-    its frozen fp32 base, and 16 bytes per adapter parameter."""
+    its frozen fp32 base, and 16 bytes per adapter parameter; QLoRA's base has its decoder
+    linears' weights in NF4 (``nf4_dtype_bytes``: of the dtype they were quantized from)."""
     p = parameters(a)
+    if role == "policy" and nf4_dtype_bytes:
+        linears = a.layers * linear_weight_params(a)
+        return 4 * (p - linears) + a.layers * nf4_layer_bytes(a, nf4_dtype_bytes) + 16 * a.layers * lora_layer
     if role == "policy":
         return 4 * p + 16 * a.layers * lora_layer if lora_layer else 16 * p
     if role == "critic":
@@ -267,30 +338,45 @@ def logits_bytes(stage: Stage, a: Arch) -> int:
     return stage.head_bytes * positions * a.vocab + head_gradient
 
 
+def gathered_layer_bytes(role: str, stage: Stage, a: Arch) -> int:
+    """One decoder layer of ``role`` all-gathered: in bf16, its linears' weights in NF4 for QLoRA's policy."""
+    if role != "policy":
+        return 2 * layer_params(a)
+    if stage.nf4_dtype_bytes:
+        return (nf4_layer_bytes(a, stage.nf4_dtype_bytes) + 2 * (layer_params(a) - linear_weight_params(a))
+                + 2 * stage.lora_layer)
+    return 2 * layer_params(a) + 2 * stage.lora_layer
+
+
 def components(stage: Stage, a: Arch, world: int, checkpointing: bool, reshard_after_forward: bool = True
                ) -> dict[str, float]:
     """Bytes per GPU at the peak of a training step, by kind (see the module docstring)."""
     roles = stage.trained + stage.frozen
     # a layer's gradient, in bf16 and again in fp32 for the reduce-scatter: only the adapters' with LoRA
     grad = 6 * (stage.lora_layer if stage.lora_layer and "critic" not in stage.trained else layer_params(a))
-    gathered = 2 * layer_params(a) + 2 * stage.lora_layer
-    layer_buffers = 2 * gathered + grad if reshard_after_forward else len(roles) * a.layers * gathered + grad
+    gathered = {r: gathered_layer_bytes(r, stage, a) for r in roles}
+    layer_buffers = (2 * max(gathered.values()) if reshard_after_forward else a.layers * sum(gathered.values())) + grad
     return {
-        "trained_states": sum(sharded_state_bytes(r, a, stage.lora_layer) for r in stage.trained) / world,
+        "trained_states": sum(sharded_state_bytes(r, a, stage.lora_layer, stage.nf4_dtype_bytes)
+                              for r in stage.trained) / world,
         "frozen_weights": sum(sharded_state_bytes(r, a) for r in stage.frozen) / world,
         "gathered_roots": sum(2 * (root_params(a) + a.hidden * (r in ("critic", "reward_model"))) for r in roles),
         "layer_buffers": layer_buffers,
         "activations": len(stage.trained) * stage.tokens * activation_bytes(a, checkpointing),
         "logits": logits_bytes(stage, a),
+        "dequantized": dequantize_bytes(largest_linear(a), stage.nf4_dtype_bytes) if stage.nf4_dtype_bytes else 0,
         "vllm_engine": stage.vllm_bytes,
     }
 
 
-def host_load(a: Arch, load_dtype: str, world: int, ranks_per_node: int) -> dict[str, float]:
-    """Host bytes per node while one model loads (see the module docstring)."""
+def host_load(a: Arch, load_dtype: str, world: int, ranks_per_node: int, load_in_4bit: bool = False
+              ) -> dict[str, float]:
+    """Host bytes per node while one model loads (see the module docstring); ``now``: this
+    config's peak, the ranks on GPUs (rank 0's one copy; with QLoRA, every rank's)."""
     copy = DTYPE_BYTES[load_dtype] * parameters(a)
+    every_rank = min(ranks_per_node, world) * copy
     return {"rank0_copy": copy, "cpu_shards": min(ranks_per_node, world) * copy / world,
-            "every_rank_a_copy": min(ranks_per_node, world) * copy}
+            "every_rank_a_copy": every_rank, "now": every_rank if load_in_4bit else copy}
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -340,12 +426,14 @@ def estimate(model: str, stage_name: str, world: int, gpu_gib: float, overrides:
     stage = stage_from_config(stage_name, cfg, world, gpu_gib * GIB, a)
     parts = totals(cfg, stage_name, a, world, gpu_gib)
     return {"model": model, "stage": stage.name, "parameters": parameters(a), "tokens_per_micro_batch": stage.tokens,
-            "lora_parameters": a.layers * stage.lora_layer,
+            "lora_parameters": a.layers * stage.lora_layer, "load_in_4bit": bool(stage.nf4_dtype_bytes),
+            "nf4_parameters": a.layers * linear_weight_params(a) if stage.nf4_dtype_bytes else 0,
             "logprob_chunk_tokens": stage.chunk, "default_activation_checkpointing": bool(cfg.activation_checkpointing),
             "arch": asdict(a), "no_checkpointing": parts[False], "activation_checkpointing": parts[True],
             "gpus_needed": {"no_checkpointing": gpus_needed(cfg, stage_name, a, gpu_gib, False),
                             "activation_checkpointing": gpus_needed(cfg, stage_name, a, gpu_gib, True)},
-            "host_load_gib": {k: v / GIB for k, v in host_load(a, cfg.model.load_dtype, world, ranks_per_node).items()}}
+            "host_load_gib": {k: v / GIB for k, v in host_load(a, cfg.model.load_dtype, world, ranks_per_node,
+                                                                bool(stage.nf4_dtype_bytes)).items()}}
 
 
 def fits(r: dict, key: str, gpu_gib: float) -> str:
@@ -356,24 +444,36 @@ def fits(r: dict, key: str, gpu_gib: float) -> str:
 
 
 def print_table(rows: list[dict], world: int, gpu_gib: float, ranks_per_node: int):
+    qlora = any(r["load_in_4bit"] for r in rows)  # a column for the NF4 dequantization only where there is one
     print(f"Computed memory per GPU, {world} GPUs x {gpu_gib:g} GiB (GiB; activation checkpointing off / on)")
     print(f"| model | stage | params | tokens/micro-batch | states | frozen | roots+buffers | activations off/on | "
-          f"logits | vLLM | total off | total on | fits {world}x{gpu_gib:g} GiB, off / on |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          f"logits | {'NF4 dequantized | ' * qlora}vLLM | total off | total on | "
+          f"fits {world}x{gpu_gib:g} GiB, off / on |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + "---: | " * qlora
+          + "---: | ---: | ---: | --- |")
     for r in rows:
         off, on = r["no_checkpointing"], r["activation_checkpointing"]
         def mark(total):  # bold: more than the GPU holds
             return f"**{total:.1f}**" if total > gpu_gib else f"{total:.1f}"
 
+        dequantized = f"{off['dequantized']:.1f} | " if qlora else ""
         print(f"| {r['model']} | {r['stage']} | {r['parameters'] / 1e9:.2f}B | {r['tokens_per_micro_batch']} | "
               f"{off['trained_states']:.1f} | {off['frozen_weights']:.1f} | "
               f"{off['gathered_roots'] + off['layer_buffers']:.1f} | {off['activations']:.1f} / {on['activations']:.1f} | "
-              f"{off['logits']:.1f} | {off['vllm_engine']:.1f} | {mark(off['total_gib'])} | {mark(on['total_gib'])} | "
+              f"{off['logits']:.1f} | {dequantized}{off['vllm_engine']:.1f} | {mark(off['total_gib'])} | "
+              f"{mark(on['total_gib'])} | "
               f"{fits(r, 'no_checkpointing', gpu_gib)} / {fits(r, 'activation_checkpointing', gpu_gib)} |")
     print(f"\nHost memory per node while loading, {ranks_per_node} ranks per node (GiB)")
+    models = dict.fromkeys(r["model"] for r in rows)
+    if qlora:  # no load-once: every rank loads the whole model and quantizes it
+        print("| model | every rank a copy in load_dtype (now: QLoRA quantizes on every rank) |")
+        print("| --- | ---: |")
+        for model in models:
+            print(f"| {model} | {next(r['host_load_gib'] for r in rows if r['model'] == model)['now']:.0f} |")
+        return
     print("| model | rank 0's copy (now) | + the shards, ranks on CPU | every rank a copy (before) |")
     print("| --- | ---: | ---: | ---: |")
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model in models:
         h = next(r["host_load_gib"] for r in rows if r["model"] == model)
         print(f"| {model} | {h['rank0_copy']:.0f} | {h['rank0_copy'] + h['cpu_shards']:.0f} | "
               f"{h['every_rank_a_copy']:.0f} |")

@@ -97,12 +97,26 @@ def test_merged_and_adapter_exports_give_the_trained_logits(tmp_path):
             torch.testing.assert_close(model.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_reward_model_is_refused(tmp_path):
-    from trainers import TRAINERS
+def test_lora_reward_model_trains_adapters_and_head_and_exports_what_trained(tmp_path):
+    """The adapters go on the backbone, the score head trains whole; the export (merged) loads with
+    AutoModelForSequenceClassification and scores as the trained model does."""
+    from transformers import AutoModelForSequenceClassification
 
-    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "loss=rm", "datasets=[toy_add_pref]", *LORA)
-    with pytest.raises(models.ConfigError, match="lora.r=8: loss=rm does not train with LoRA yet"):
-        TRAINERS[cfg.loss.trainer](cfg, torch.device("cpu"))
+    run = tmp_path / "run"
+    overrides = fast_overrides(run) + ["loss=rm", "datasets=[toy_add_pref]", *LORA, "lr=1e-2"]
+    weights = run_ranks(train_run, 2, tmp_path, overrides)[0]
+    cfg = make_cfg(*overrides)
+    trained = models.add_lora(models.load_reward_model(cfg.model, torch.device("cpu"), seed=0), cfg.lora)
+    start = {k: v.clone() for k, v in trained.state_dict().items()}
+    moved = {k for k, w in weights.items() if not torch.equal(w, start[k])}
+    assert "score.weight" in moved and any("lora_B" in k for k in moved)
+    assert all("lora_" in k or k == "score.weight" for k in moved), sorted(moved)[:5]
+    trained.load_state_dict(weights)
+    exported = AutoModelForSequenceClassification.from_pretrained(run / "LATEST").eval()
+    ids = torch.randint(3, 262, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.eval()(ids, torch.arange(20).expand(2, 20))[0][:, -1]
+        torch.testing.assert_close(exported(input_ids=ids).logits[:, 0], want, rtol=1e-4, atol=1e-4)
 
 
 def grpo_reference_vs_explicit(rank, world, overrides):
@@ -132,14 +146,16 @@ def test_grpo_with_lora_adapter_off_reference_equals_an_explicit_reference(tmp_p
     assert len(records) == 3 and all(r["rollout/logp_mismatch"] < 1e-5 for r in records)  # HF samples from the policy
 
 
-def test_grpo_with_lora_on_vllm_samples_the_merged_policy(tmp_path):
-    """After each update the engine gets W + (alpha/r) B A: its log-probs of what it sampled are
-    the trainer's (a LoRA policy's, recomputed) at every iteration, as without LoRA."""
+def test_grpo_with_qlora_on_vllm_samples_the_merged_policy(tmp_path):
+    """After each update the engine gets W + (alpha/r) B A, W the NF4 base dequantized: its
+    log-probs of what it sampled are the trainer's (a QLoRA policy's, recomputed) at every
+    iteration, as without LoRA. (Plain LoRA merges the same way, W as loaded.)"""
     from test_sampler import vllm_or_skip, vllm_subprocess
 
     vllm_or_skip()
     run = tmp_path / "run"
-    overrides = [o for o in rl_overrides(run, "grpo", *LORA, "lr=3e-2", "n_examples=16") if o != "sampler=hf"]
+    overrides = [o for o in rl_overrides(run, "grpo", *LORA, "lora.load_in_4bit=true", "lr=3e-2", "n_examples=16")
+                 if o != "sampler=hf"]
     vllm_subprocess([str(REPO / "train.py"), "sampler=vllm", *overrides], tmp_path)
     records = [r for r in metrics(run) if "rollout/logp_mismatch" in r]
     assert len(records) == 4

@@ -1,6 +1,7 @@
 """scripts/memory_estimate.py counts what transformers builds: its parameter count equals
-``sum(p.numel())`` of the model, its activation count equals the bytes autograd saves, and its
-logits term equals the CPU allocator's peak while log-probs are computed and differentiated."""
+``sum(p.numel())`` of the model, its activation count equals the bytes autograd saves, its
+logits term equals the CPU allocator's peak while log-probs are computed and differentiated, and
+QLoRA's NF4 terms equal a torchao NF4Tensor's storage and the allocator's peak while it dequantizes."""
 
 import itertools
 import sys
@@ -273,3 +274,100 @@ def test_lora_holds_the_frozen_base_the_adapters_states_and_no_reference():
     assert parts["trained_states"] * me.GIB == pytest.approx((4 * me.parameters(a) + 16 * adapters) / 8)
     assert parts["frozen_weights"] == 0 and full["frozen_weights"] > 0  # the reference is the adapter-off policy
     assert parts["activations"] == full["activations"] and parts["logits"] == full["logits"]
+
+
+# --- QLoRA: the base's decoder linears in torchao's NF4 -----------------------------------------
+
+
+def to_nf4(weight, scaler_block: int):
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    return to_nf4(weight, me.NF4_BLOCK, scaler_block)
+
+
+@pytest.mark.parametrize("shape, dtype, scaler_block", [((1024, 4096), torch.float32, 256),  # Llama-3-8B's k_proj
+                                                        ((1024, 512), torch.float32, 64),
+                                                        ((512, 256), torch.bfloat16, 256)])
+def test_nf4_bytes_are_what_an_nf4_tensor_stores(shape, dtype, scaler_block):
+    """The packed 4-bit indices, the int8 scalers, a factor per scaler block, the scalers' mean and
+    the 16-entry table: every inner tensor the NF4Tensor flattens to."""
+    w = to_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype), scaler_block)
+    inner, _ = w.__tensor_flatten__()
+    assert sorted(inner) == ["nf4", "quantization_factor", "quantized_data", "quantized_scalers", "scaler_mean"]
+    stored = sum(getattr(w, name).untyped_storage().nbytes() for name in inner)
+    n = shape[0] * shape[1]
+    assert w.quantized_data.untyped_storage().nbytes() == n // 2 and w.quantized_scalers.numel() == n // 64
+    assert w.quantization_factor.numel() == n // (64 * scaler_block) and w.scaler_mean.numel() == 1
+    assert stored == me.nf4_bytes(n, dtype.itemsize, scaler_block=scaler_block)
+    if (dtype, scaler_block) == (torch.float32, 64):  # the trainer's (models.NF4_SCALE_BLOCK)
+        # 0.5166 bytes a weight; the mean and the table, 68 bytes a tensor, on top
+        assert stored == 0.5 * n + n / 64 + 4 * n / (64 * 64) + 4 + 16 * 4
+        assert me.nf4_bytes(n) == stored  # the estimate's defaults
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantization_is_the_allocator_peak(dtype):
+    """A linear with an NF4 weight (as models.quantize_base makes it), bf16 input: its forward and
+    its backward each dequantize the whole weight, and that is each one's peak: 20 bytes a weight
+    quantized from fp32 (14 from bf16), not the bf16 weight's 2."""
+    rows, cols = 256, 1024
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
+    linear.weight = torch.nn.Parameter(to_nf4(weight, me.NF4_SCALER_BLOCK), requires_grad=False)
+    x = torch.randn(4, cols, dtype=torch.bfloat16, requires_grad=True)
+    forward = allocator_peak(lambda: linear(x))
+    y = linear(x)
+    backward = allocator_peak(lambda: y.backward(torch.ones_like(y)))
+    expected = me.dequantize_bytes(rows * cols, dtype.itemsize)
+    per_weight = {torch.float32: 20, torch.bfloat16: 14}[dtype]  # int64 nibbles 8, then 3 in the weight's dtype
+    assert expected == per_weight * rows * cols + dtype.itemsize * rows * cols // 64  # + the dequantized scalers
+    assert forward == pytest.approx(expected, rel=1e-3)
+    assert backward == pytest.approx(expected, rel=1e-3)
+
+
+def test_qlora_stores_the_decoder_linears_in_nf4():
+    """Llama-3-8B: 32 layers of q, o [4096, 4096], k, v [4096, 1024], gate, up, down [4096, 14336],
+    each 0.5166 bytes a weight in place of fp32's 4; the adapters, the reference (none), the
+    activations and the logits as with LoRA; the gathered policy layer's linears in NF4."""
+    a = me.Arch.from_config(me.ARCHS["llama3_8b"])
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    linears = 32 * per_layer  # 6.98e9 of the 8.03e9
+    bytes_per_weight = 0.5 + 1 / 64 + 4 / (64 * 64)
+    for stage in ("dpo", "ppo"):
+        lora = me.estimate("llama3_8b", stage, 8, 80, ["lora.r=16"])
+        qlora = me.estimate("llama3_8b", stage, 8, 80, ["lora.r=16", "lora.load_in_4bit=true"])
+        assert qlora["nf4_parameters"] == linears and qlora["lora_parameters"] == lora["lora_parameters"]
+        for ac in ("no_checkpointing", "activation_checkpointing"):
+            lo, q = lora[ac], qlora[ac]
+
+            def states(parts):
+                return (parts["trained_states"] + parts["frozen_weights"]) * me.GIB
+
+            assert states(q) == pytest.approx(states(lo) - (4 - bytes_per_weight) * linears / 8, rel=1e-4)
+            assert q["frozen_weights"] == lo["frozen_weights"]  # only the policy is quantized
+            for same in ("activations", "logits", "vllm_engine"):
+                assert q[same] == lo[same]
+            assert q["dequantized"] * me.GIB == pytest.approx(20.0625 * 4096 * 14336)  # gate or up, from fp32
+            if stage == "dpo":  # two gathered policy layers, their linears in NF4
+                assert q["layer_buffers"] * me.GIB == pytest.approx(
+                    lo["layer_buffers"] * me.GIB - 2 * (2 - bytes_per_weight) * per_layer, rel=1e-4)
+            else:  # the critic's bf16 layer is the largest gathered now, and its whole gradient
+                layer = per_layer + 2 * 4096  # and the two norms
+                assert q["layer_buffers"] * me.GIB == 2 * 2 * layer + 6 * layer
+                assert lo["layer_buffers"] * me.GIB == 2 * (2 * layer + 2 * lora["lora_parameters"] / 32) + 6 * layer
+    assert qlora["no_checkpointing"]["frozen_weights"] * me.GIB == pytest.approx(4 * (me.parameters(a) + 4096) / 8)
+
+
+def test_qlora_needs_lora_and_loads_on_every_rank():
+    with pytest.raises(ValueError, match="lora.r"):
+        me.estimate("llama3_8b", "sft", 8, 80, ["lora.load_in_4bit=true"])
+    n = me.parameters(me.Arch.from_config(me.ARCHS["llama3_8b"]))
+    assert me.estimate("llama3_8b", "sft", 8, 80, ["lora.r=16"])["host_load_gib"]["now"] * me.GIB == 4 * n
+    host = me.estimate("llama3_8b", "sft", 8, 80, ["lora.r=16", "lora.load_in_4bit=true"])["host_load_gib"]
+    assert host["now"] * me.GIB == 8 * 4 * n  # each of the node's 8 ranks loads the fp32 model to quantize it
+
+
+def test_nf4_blocks_are_the_trainers():
+    import models
+
+    assert (me.NF4_BLOCK, me.NF4_SCALER_BLOCK) == (models.NF4_BLOCK, models.NF4_SCALE_BLOCK)

@@ -1,7 +1,7 @@
 """What a run leaves in run_dir, whatever happens to it: SIGKILL of every rank at seeded random
 moments (mid-step, inside a checkpoint's write, inside the final export), each followed by
 ``resume=true``, ends with the metrics.jsonl, LATEST/ and checkpoints of the uninterrupted run, for
-SFT, DPO (also with LoRA), GRPO and online DPO; and each way of hurting a run that used to lose or corrupt work: a
+SFT, DPO (also with QLoRA), GRPO and online DPO; and each way of hurting a run that used to lose or corrupt work: a
 kill between the last checkpoint and its export, a kill before the first checkpoint, a resume with
 another config, two jobs in one run_dir, a damaged checkpoint, a full disk, Ctrl-C (once, twice),
 and slurm's warning signal arriving twice.
@@ -46,8 +46,10 @@ def rl(run_dir, data, *extra):
 
 RUNS = {
     "dpo": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]"),
-    # LoRA: only the adapters train, the reference is the policy with them off
-    "dpo_lora": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]", "lora.r=8", "lr=1e-2"),
+    # QLoRA: only the adapters train, and only they are checkpointed, over a base in NF4 that
+    # resume quantizes again; the reference is the policy with its adapters off
+    "dpo_qlora": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]", "lora.r=8",
+                                     "lora.load_in_4bit=true", "lr=1e-2"),
     "grpo": lambda d, data: rl(d, data, "loss=grpo", "reward.functions=[toy_add]"),
     # an untrained model never adds right: the length of a completion is a reward that varies
     "online_dpo": lambda d, data: rl(d, data, "loss=online_dpo", "loss.rollout_batch_size=8", "batch_size=2",
@@ -150,6 +152,32 @@ def test_resume_refuses_another_config_and_accepts_a_longer_run(tmp_path, data, 
                                                        (reference[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss/train" in r] == list(range(1, 9))
     assert [p.name for p in checkpointing.complete(run_dir)] == ["step-4", "step-6", "step-8"]
+
+
+def test_resume_refuses_starting_weights_that_changed_since(tmp_path, data):
+    """A checkpoint holds only what trains: a LoRA policy's adapters, not its frozen base, which
+    resume reads again from model.archive. If that export was overwritten meanwhile (the SFT stage
+    run again), the run would go on from another model: it stops instead, naming it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import models
+
+    base = tmp_path / "sft_export"
+    tiny = OmegaConf.load(REPO / "config/model/tiny.yaml")
+    model = models.load_model(tiny, torch.device("cpu"), seed=3)
+    model.save_pretrained(base)
+    models.load_tokenizer(tiny).save_pretrained(base)
+    run_dir = tmp_path / "run"
+    overrides = sft(run_dir, data, f"model.archive={base}", "lora.r=8", "n_examples=16")
+    done = run(tmp_path, overrides)
+    assert done.codes == [None, None], done.output
+    resumed(tmp_path, [*overrides[:-1], "n_examples=24"])  # the same weights: it goes on
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    model.save_pretrained(base)
+    line = error_line(run(tmp_path, [*overrides[:-1], "n_examples=32", "resume=true"]))
+    assert f"{run_dir / 'step-3'} was trained from other starting weights than those at {base} now" in line
 
 
 HOLD = """import sys, time
