@@ -303,8 +303,16 @@ def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
 
 
 def full_state_dict(model) -> dict:
-    """Collective: the unsharded weights, on CPU, on rank 0 (empty elsewhere)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Collective: the unsharded weights, on CPU, on rank 0 (empty elsewhere). A QLoRA model's
+    NF4 weights come dequantized, gathered one at a time by ``distributed.full_tensor``."""
+    if not any(models.is_nf4(p) or models.is_nf4(getattr(p, "_local_tensor", None)) for p in model.parameters()):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = {}
+    for name, value in model.state_dict().items():
+        whole = distributed.full_tensor(value)
+        if distributed.is_main():
+            weights[name] = whole.cpu()
+    return weights
 
 
 def write_hf(out_dir: str | Path, weights: dict, config, tokenizer, generation_config=None, step: int | None = None,

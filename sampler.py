@@ -401,20 +401,6 @@ def weight_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
     return list(groups.values())
 
 
-def full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """Collective for a DTensor (every rank gets the whole parameter); a plain tensor as is."""
-    from torch.distributed.tensor import DTensor
-
-    p = p.detach()
-    if not isinstance(p, DTensor):
-        return p
-    local = p.to_local()
-    if local.device.type != p.device_mesh.device_type:  # cpu_offload: gather on the mesh's device
-        p = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                               shape=p.shape, stride=p.stride())
-    return p.full_tensor()
-
-
 def _refresh_tied_lm_head(worker) -> int:
     """Runs in the engine's worker (this process). On CPU vLLM packs the LM head's weight into a
     GEMM-friendly copy when weights are loaded; a tied head is never itself loaded, so after a
@@ -548,7 +534,7 @@ class VLLMSampler(Sampler):
                 nbytes = sum(p.numel() * p.element_size() for _, p in group)
                 if bucket and size + nbytes > self.bucket_bytes:
                     flush()
-                whole = [(name, full_tensor(p)) for name, p in group]
+                whole = [(name, distributed.full_tensor(p)) for name, p in group]
                 if models.is_lora(model):  # a decoder layer holds its adapters: merged here, as exported
                     whole = list(models.merged_lora_weights(dict(whole), model).items())
                 bucket += whole

@@ -108,7 +108,8 @@ def set_adapters(model, iteration: int, b_std: float):
 
 def adapter_tensors(model) -> dict:
     """The adapters, gathered whole, under peft's saved names (``.default`` dropped)."""
-    from sampler import _clean_name, full_tensor
+    from distributed import full_tensor
+    from sampler import _clean_name
 
     return {_clean_name(name).replace(".default.", "."): full_tensor(p).clone()
             for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
