@@ -2,8 +2,9 @@
 that keeps one job at a time in a run_dir.
 
 ``step-<N>/`` holds the model's trained parameters (a LoRA policy's adapters, not its frozen
-base) and optimizer as a ``torch.distributed.checkpoint`` (each rank writes its own shards), every rank's RNG state, ``trainer_state.json`` (step, counters, scheduler, the
-config) and ``manifest.json``: every file of the checkpoint with its size. Everything is written
+base) and optimizer as a ``torch.distributed.checkpoint`` (each rank writes its own shards),
+every rank's RNG state, ``trainer_state.json`` (step, counters, scheduler, the config) and
+``manifest.json``: every file of the checkpoint with its size. Everything is written
 into ``step-<N>.tmp/`` first; rank 0 writes the manifest and renames the directory to ``step-<N>/``
 only after every rank has finished, and the rename is atomic, so a run killed mid-save resumes
 from the previous checkpoint. A checkpoint counts as complete only if every file its manifest
@@ -305,7 +306,7 @@ def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
 def full_state_dict(model) -> dict:
     """Collective: the unsharded weights, on CPU, on rank 0 (empty elsewhere). A QLoRA model's
     NF4 weights come dequantized, gathered one at a time by ``distributed.full_tensor``."""
-    if not any(models.is_nf4(p) or models.is_nf4(getattr(p, "_local_tensor", None)) for p in model.parameters()):
+    if not any(models.is_nf4(getattr(p, "_local_tensor", p)) for p in model.parameters()):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights = {}
     for name, value in model.state_dict().items():

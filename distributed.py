@@ -257,14 +257,15 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     gloo: ``malloc(): unaligned tcache chunk detected`` mid-run.)"""
     from torch.distributed.tensor import DTensor
 
+    from models import dense, is_nf4  # imported by then: only a model's parameters come here
+
     p = p.detach()
     if not isinstance(p, DTensor):
-        return p.get_original_weight() if hasattr(p, "get_original_weight") else p
+        return dense(p)
     local = p.to_local()
-    dense = hasattr(local, "get_original_weight")
-    if dense:
-        local = local.get_original_weight()
-    if dense or local.device.type != p.device_mesh.device_type:  # cpu_offload: gather on the mesh's device
+    quantized = is_nf4(local)
+    local = dense(local)
+    if quantized or local.device.type != p.device_mesh.device_type:  # cpu_offload: gather on the mesh's device
         p = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements,
                                shape=p.shape, stride=p.stride())
     return p.full_tensor()

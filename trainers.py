@@ -125,7 +125,7 @@ class Trainer:
         # 3. the policy, its optimizer, the sampler and the reward models
         self.base_fingerprint = None  # of the weights the policy starts from (load_policy)
         self.model = self.build_model(cfg.model, load=self.load_policy, load_once=not cfg.lora.load_in_4bit)
-        self.base_fingerprint = distributed.from_main(self.base_fingerprint)  # rank 0 alone loads it (build_sharded)
+        self.base_fingerprint = distributed.from_main(self.base_fingerprint)
         self.optimizer, self.scheduler = self.optimizer_for(self.model, cfg.lr)
         self.step, self.examples_seen, self.tokens_seen = 0, 0, 0
         self._permutation = (None, None)
@@ -227,7 +227,7 @@ class Trainer:
         its frozen base in NF4 with ``lora.load_in_4bit`` (QLoRA). Records the starting weights'
         ``models.fingerprint``: a resumed run must start from the same ones."""
         model = self.load_model(model_cfg, meta)
-        if not meta:
+        if not meta and distributed.is_main():  # __init__ sends rank 0's to every rank
             self.base_fingerprint = models.fingerprint(model)
         if self.cfg.lora.r:
             model = models.add_lora(model, self.cfg.lora, seed=self.cfg.seed)

@@ -375,7 +375,7 @@ def host_load(a: Arch, load_dtype: str, world: int, ranks_per_node: int, load_in
     config's peak, the ranks on GPUs (rank 0's one copy; with QLoRA, every rank's)."""
     copy = DTYPE_BYTES[load_dtype] * parameters(a)
     every_rank = min(ranks_per_node, world) * copy
-    return {"rank0_copy": copy, "cpu_shards": min(ranks_per_node, world) * copy / world,
+    return {"rank0_copy": copy, "cpu_shards": every_rank / world,
             "every_rank_a_copy": every_rank, "now": every_rank if load_in_4bit else copy}
 
 
