@@ -37,6 +37,33 @@ def task_scores(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: i
     return [reward_fn(r["prompt"], c) for r, c in zip(rows, completions)]
 
 
+def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int, max_length: int,
+                   max_new_tokens: int = 16) -> tuple[list[float], dict]:
+    """Greedy episodes of ``env`` on ``rows`` (prompt rows) with HF ``generate``: each episode's
+    0/1 score (the environment's ``info["solved"]``), and its ``info`` values and turns averaged
+    over all episodes (``info``) and over the solved ones (``info_when_solved``)."""
+    from types import SimpleNamespace
+
+    from data.tokenize import tokenize_prompts
+    from environments import EpisodeRunner
+    from sampler import HFSampler, SamplingParams
+
+    limits = SimpleNamespace(max_length=max_length, max_prompt_length=max_length - max_new_tokens)
+    examples, _ = tokenize_prompts(rows, tokenizer, limits, env)
+    runner = EpisodeRunner(env, tokenizer, max_turns, max_length, limits.max_prompt_length, timeout_s=30.0)
+    rollout = runner.rollout(HFSampler(model, tokenizer), examples, 1,
+                             SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    solved = [float(bool(e.info.get("solved"))) for e in rollout.episodes]
+
+    def averaged(episodes) -> dict:
+        keys = sorted({k for e in episodes for k, v in e.info.items() if isinstance(v, (int, float)) and k != "solved"})
+        out = {k: sum(float(e.info.get(k, 0)) for e in episodes) / max(len(episodes), 1) for k in keys}
+        return {**out, "turns": sum(e.turns for e in episodes) / max(len(episodes), 1)}
+
+    won = [e for e, s in zip(rollout.episodes, solved) if s]
+    return solved, {"info": averaged(rollout.episodes), "info_when_solved": averaged(won)}
+
+
 def task_accuracy(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int = 16) -> float:
     scores = task_scores(model, tokenizer, rows, reward_fn, max_new_tokens)
     return sum(scores) / len(scores)

@@ -22,24 +22,26 @@ from data.toy import REWARDS as FUNCTIONS
 
 
 def load_function(spec: str) -> Callable[..., float]:
-    if spec in FUNCTIONS:
-        return FUNCTIONS[spec]
+    return FUNCTIONS[spec] if spec in FUNCTIONS else load_object(spec, "reward function", FUNCTIONS)
+
+
+def load_object(spec: str, what: str, known: dict):
+    """``module:name`` or ``path/to/file.py:name`` (a reward function, an environment class)."""
     if ":" not in spec:
-        raise ValueError(f"reward function {spec!r}: not one of {sorted(FUNCTIONS)}, nor module:function "
-                         f"or path/to/file.py:function")
+        raise ValueError(f"{what} {spec!r}: not one of {sorted(known)}, nor module:name or path/to/file.py:name")
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         if not Path(target).is_file():
-            raise ValueError(f"reward function {spec!r}: no file {target}")
+            raise ValueError(f"{what} {spec!r}: no file {target}")
         module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {target} has no function {name!r}")
-    return fn
+    found = getattr(module, name, None)
+    if not callable(found):
+        raise ValueError(f"{what} {spec!r}: {target} has no {what.split()[-1]} {name!r}")
+    return found
 
 
 def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dict) -> tuple[float | None, str | None]:

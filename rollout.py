@@ -2,10 +2,11 @@
 
 ``N`` samples (prompts x ``n_samples_per_prompt``, a prompt's samples adjacent, in prompt order),
 ``T`` the longest completion. A completion is every token after the prompt; ``mask`` marks the
-ones the policy chose and is trained on. Today that is all of them up to ``lengths``; a multi-turn
-trajectory puts the environment's tokens between the policy's turns with ``mask`` 0 on them, and
-nothing else here changes. Per-token fields are 0 right of ``lengths`` (``sampler_logps``: NaN
-where the sampler gave none, e.g. the end-of-turn token an empty completion trains on).
+ones the policy chose and is trained on: all of them up to ``lengths`` for one reply; a multi-turn
+episode (environments.py) puts the environment's tokens between the policy's replies with
+``mask`` 0 on them, and ``episodes`` says what happened in each. Per-token fields are 0 right of
+``lengths`` (``sampler_logps``: NaN where the sampler gave none, e.g. the end-of-turn token an
+empty completion trains on, and an environment's tokens).
 
 Each rank builds the rollout of its share of the prompts (``Rollout.of``), scores it (``Rewards``),
 and the shares are concatenated in rank order on every rank (``Rollout.cat``); the trainer then
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import distributed
+import environments
 import models
 import rewards
 from data.packing import last_positions
@@ -55,6 +57,7 @@ class Rollout:
     returns: torch.Tensor | None = None       # [N, T]: the critic's targets
     is_weight: torch.Tensor | None = None     # [N, T]: truncated importance weight pi_old / sampler
     kl: torch.Tensor | None = None            # [N, T]: per-token KL estimate to the reference
+    episodes: list | None = None              # multi-turn: what each episode was (environments.Episode)
 
     @staticmethod
     def of(examples: list[dict], completions: list[list], eos_id: int) -> Rollout:
@@ -115,6 +118,9 @@ class Rollout:
         for i in range(len(self)):
             row = {"prompt": self.prompts[i], "text": self.texts[i], "score": self.scores[i].item(),
                    "scores": self.reward_scores[i], "finish_reason": self.finish_reasons[i]}
+            if self.episodes is not None:
+                row.update(conversation=self.episodes[i].conversation, turns=self.episodes[i].turns,
+                           info=self.episodes[i].info)
             if self.errors[i] is not None:
                 row["error"] = self.errors[i]
             rows.append(row)
@@ -150,13 +156,14 @@ class Rewards:
     and summed. A sample a function fails on gets ``invalid_score`` and an error; more than
     ``max_invalid_fraction`` of a rollout failing stops the run."""
 
-    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int):
+    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int, env: bool = False):
         """``layout(seqs, pad_id)``: the trainer's packer; ``batch_size``: samples per forward of a
-        reward model on each rank; ``max_tokens``: the longest sequence a forward takes."""
+        reward model on each rank; ``max_tokens``: the longest sequence a forward takes; ``env``:
+        the samples are episodes, and the environment's rewards (summed) count as a reward "env"."""
         self.cfg, self.tokenizer = reward_cfg, tokenizer
         self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
         self.functions = {spec: rewards.load_function(spec) for spec in reward_cfg.functions}
-        names = list(reward_cfg.models) + list(reward_cfg.functions)
+        names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
         if not names:
             raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
         for path in reward_cfg.models:
@@ -164,7 +171,8 @@ class Rewards:
                 raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
         weights = reward_cfg.weights
         if weights is not None and len(weights) != len(names):
-            raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} (models first)")
+            raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} "
+                             f"(models first, then functions, then the environment's)")
         self.weights = dict(zip(names, weights if weights is not None else [1.0] * len(names)))
         self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
 
@@ -181,6 +189,8 @@ class Rewards:
         scores, rollout.reward_scores, rollout.errors = [], [], []
         for i in range(len(rollout)):
             by_name, error = {path: values[i] for path, values in per_model.items()}, None
+            if rollout.episodes is not None:
+                by_name["env"], error = rollout.episodes[i].reward, rollout.episodes[i].error
             for name, fn in self.functions.items():
                 by_name[name], failed = rewards.call(fn, rollout.prompts[i], rollout.texts[i], rollout.rows[i])
                 if failed is not None and error is None:
@@ -234,4 +244,6 @@ class Rewards:
         for name in self.weights:
             valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
             record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / max(len(valid), 1)
+        if rollout.episodes is not None:
+            record.update(environments.metrics(rollout))
         return record

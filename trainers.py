@@ -50,6 +50,7 @@ from omegaconf import OmegaConf
 
 import checkpointing
 import distributed
+import environments
 import evaluation
 import logprobs
 import models
@@ -92,6 +93,7 @@ def crossed(every: int | None, before: int, after: int) -> bool:
 class Trainer:
     row_format = "sft"  # the rows it reads (data/__init__.py); "prompt": it samples its own completions
     starts_from_a_model = False  # a stage that refines a trained model (warned about when given none)
+    plays_episodes = False  # it can sample multi-turn episodes of an environment (env=)
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -102,9 +104,13 @@ class Trainer:
         self.packs = cfg.packing in (True, "auto")  # build_model turns it off for a model that cannot pack (auto)
         self.resume_from = checkpointing.to_resume(self.run_dir, cfg)
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.rewards = None
-        if self.row_format == "prompt":  # reward functions load now: a bad name costs no model build
-            self.rewards = Rewards(cfg.reward, self.tokenizer, self.layout, self.forward_size(), cfg.row_tokens)
+        self.rewards, self.env = None, None
+        if cfg.env:  # an environment and reward functions load now: a bad name costs no model build
+            self.env = environments.EpisodeRunner(cfg.env, self.tokenizer, cfg.max_turns, cfg.max_length,
+                                                  cfg.max_prompt_length, cfg.env_timeout_s)
+        if self.row_format == "prompt":
+            self.rewards = Rewards(cfg.reward, self.tokenizer, self.layout, self.forward_size(), cfg.row_tokens,
+                                   env=self.env is not None)
         # 2. data before the model: bad input stops the run before any compute is spent
         self.train_examples = self.load_examples("train")
         self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples] if cfg.n_eval_examples else []
@@ -156,6 +162,11 @@ class Trainer:
         if cfg.lora.load_in_4bit and not cfg.lora.r:
             raise models.ConfigError("lora.load_in_4bit=true quantizes the frozen base of a LoRA run: set lora.r "
                                      "(e.g. lora.r=16), or lora.load_in_4bit=false")
+        if cfg.env and not self.plays_episodes:
+            raise models.ConfigError(f"env={cfg.env}: loss={cfg.loss.name} does not play episodes; the policy-gradient "
+                                     f"losses do (loss=grpo, rloo, reinforce_pp, ppo)")
+        if cfg.env and not cfg.max_turns >= 1:
+            raise models.ConfigError(f"max_turns={cfg.max_turns}: an episode needs at least one reply")
         if cfg.sample_during_eval and self.row_format == "prompt":
             raise models.ConfigError(f"sample_during_eval=true: loss={cfg.loss.name} always evaluates by sampling "
                                      f"(eval/reward, with eval_sampling); drop sample_during_eval")
@@ -508,12 +519,19 @@ class Trainer:
         ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
         self.sampler.sync_weights(self.model)
         examples = self.eval_examples[: len(self.eval_examples) // self.world * self.world]
-        mine = distributed.share(examples)
-        rollout = Rollout.of(mine, self.complete(mine, SamplingParams(**self.cfg.eval_sampling)), self.tokenizer.eos_token_id)
+        mine, params = distributed.share(examples), SamplingParams(**self.cfg.eval_sampling)
+        if self.env is not None:
+            rollout = self.env.rollout(self.sampler, mine, 1, params)
+        else:
+            rollout = Rollout.of(mine, self.complete(mine, params), self.tokenizer.eos_token_id)
         self.rewards.score(rollout)
         rollout = Rollout.cat(distributed.gather([rollout]))
         record = {"eval/reward": rollout.scores.mean().item() if len(rollout) else 0.0}
-        accuracy = evaluation.verified_fraction(self.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)
+        if rollout.episodes is not None:  # the environment says whether an episode solved the task
+            record.update(environments.metrics(rollout, "eval"))
+            accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)
+        else:
+            accuracy = evaluation.verified_fraction(self.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)
         if accuracy is not None:
             record["eval/task_accuracy"] = accuracy
         self.metrics.samples([{"prompt": p, "completion": t, "score": s} for p, t, s in
@@ -795,7 +813,10 @@ def sample_rollout(trainer) -> tuple[Rollout, dict]:
     t = time.perf_counter()
     # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
     params = SamplingParams(n=loss.n_samples_per_prompt, seed=trainer.cfg.seed * 1_000_003 + step, **loss.sampling)
-    rollout = Rollout.of(mine, trainer.complete(mine, params), trainer.tokenizer.eos_token_id)
+    if trainer.env is not None:
+        rollout = trainer.env.rollout(trainer.sampler, mine, params.n, params)
+    else:
+        rollout = Rollout.of(mine, trainer.complete(mine, params), trainer.tokenizer.eos_token_id)
     timing["generate"], t = time.perf_counter() - t, time.perf_counter()
     trainer.rewards.score(rollout)
     timing["score"] = time.perf_counter() - t
@@ -819,6 +840,7 @@ class PolicyGradientTrainer(Trainer):
 
     row_format = "prompt"
     starts_from_a_model = True
+    plays_episodes = True
     critic = None  # PPOTrainer's
 
     def __init__(self, cfg, device):
@@ -928,7 +950,11 @@ class PolicyGradientTrainer(Trainer):
                 out["ref_logps"] = unpack(ref, batch, n)
             if self.critic is not None:
                 out["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
-            return [{name: values[i].cpu() for name, values in out.items()} for i in range(n)]
+            # unpack gives the values at the trained tokens only: lay them out over all the completion's
+            # tokens (a multi-turn episode's observations between the replies get 0)
+            trained = [part.mask[i, : part.lengths[i]] > 0 for i in range(n)]
+            return [{name: torch.zeros(len(trained[i])).masked_scatter(trained[i], values[i].float().cpu())
+                     for name, values in out.items()} for i in range(n)]
 
         frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
         mine = distributed.lockstep(forward, distributed.share(list(range(len(rollout)))), self.forward_size(),

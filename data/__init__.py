@@ -1,8 +1,8 @@
 """Datasets as plain functions from a split to a list of rows.
 
 Every loader returns rows of one of three shapes; a conversation is a list of
-``{"role": "system" | "user" | "assistant", "content": str}`` messages that ends with
-a user turn (the assistant answers next):
+``{"role": "system" | "user" | "assistant" | "tool", "content": str}`` messages that ends with
+a user or tool turn (the assistant answers next):
 
 - ``"sft"``:    ``{"prompt": conversation, "response": str}``
 - ``"pref"``:   ``{"prompt": conversation, "chosen": str, "rejected": str}``
@@ -23,6 +23,7 @@ import os
 from typing import Callable
 
 SHAPES = ("sft", "pref", "prompt")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
@@ -58,12 +59,13 @@ def check_conversation(messages, source: str, row: int, field: str = "prompt") -
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where(source, row, field)}: expected a non-empty list of messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{where(source, row, field)}: message {i} needs a role of system/user/assistant, got {m!r:.80}")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where(source, row, field)}: message {i} needs a role of {'/'.join(ROLES)}, got {m!r:.80}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where(source, row, field)}: message {i} has no string 'content'")
-    if messages[-1]["role"] != "user":
-        raise DataError(f"{where(source, row, field)}: the conversation must end with a user turn, ends with {messages[-1]['role']!r}")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise DataError(f"{where(source, row, field)}: the conversation must end with a user (or tool) turn, "
+                        f"ends with {messages[-1]['role']!r}")
     return messages
 
 
@@ -122,7 +124,7 @@ def check_files(names, keys: dict) -> None:
 
 def load_rows(name: str, split: str, shape: str, paths: dict | None = None, keys: dict | None = None) -> list[dict]:
     """Rows of ``shape`` from a registered dataset ``name`` or a local .json/.jsonl/.parquet file."""
-    from data import hub, local, toy  # noqa: F401  (importing registers the loaders)
+    from data import hub, local, toy, toy_env  # noqa: F401  (importing registers the loaders)
 
     if name in REGISTRY:
         fn, have = REGISTRY[name]

@@ -48,9 +48,10 @@ def explained_variance(values, returns, mask):
 
 
 def _last_token(mask):
-    """One-hot [B, T] of each row's last response token (all zero for a row without one)."""
-    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-    return mask * (1 - next_mask)
+    """One-hot [B, T] of each row's last response token (all zero for a row without one), also
+    where the mask has holes (a multi-turn episode's observations)."""
+    later = torch.flip(torch.cumsum(torch.flip(mask, [1]), 1), [1]) - mask  # response tokens right of t
+    return mask * (later == 0)
 
 
 # --- KL and rewards -------------------------------------------------------------------------------
@@ -91,12 +92,13 @@ def token_rewards(scores, kl, mask, kl_coef: float):
 
 def discounted_returns(rewards, mask, gamma: float):
     """REINFORCE return-to-go: G_t = sum_{k >= t} gamma^(k - t) r_k over the row's response tokens,
-    by the reverse scan G_t = r_t + gamma G_{t+1}. Padding -> 0."""
+    by the reverse scan G_t = r_t + gamma G_{t+1}. Time runs over the response tokens only: a
+    position with mask 0 (padding, an environment's tokens between replies) is skipped. Padding -> 0."""
     rewards = rewards * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running  # running is 0 past the row's last token
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         out[:, t] = running
     return out * mask
 
@@ -108,19 +110,22 @@ def gae(rewards, values, mask, gamma: float, lam: float):
         A_t     = delta_t + gamma lam A_{t+1}   = sum_l (gamma lam)^l delta_{t+l}
         R_t     = A_t + V_t                        (the critic's regression target)
 
-    lam = 1 gives Monte Carlo returns minus V; lam = 0 the one-step TD error. Returns
-    ``(advantages, returns)``, both 0 on padding, both without gradient.
+    lam = 1 gives Monte Carlo returns minus V; lam = 0 the one-step TD error. Time runs over the
+    response tokens only: t + 1 is the next position with mask 1, so a multi-turn episode's
+    observation tokens (mask 0) are skipped, not taken as the end. Returns ``(advantages,
+    returns)``, both 0 on padding, both without gradient.
     """
     with torch.no_grad():
         rewards, values = rewards * mask, values * mask
         advantages = torch.zeros_like(rewards)
-        next_value = torch.zeros_like(values[:, 0])
+        next_value = torch.zeros_like(values[:, 0])  # V past the last response token = 0
         next_adv = torch.zeros_like(values[:, 0])
         for t in reversed(range(rewards.shape[1])):
+            here = mask[:, t] > 0
             delta = rewards[:, t] + gamma * next_value - values[:, t]
-            next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-            next_value = values[:, t]  # 0 on padding, so the step past the last token sees V = 0
-            advantages[:, t] = next_adv
+            next_adv = torch.where(here, delta + gamma * lam * next_adv, next_adv)
+            next_value = torch.where(here, values[:, t], next_value)
+            advantages[:, t] = next_adv * mask[:, t]
         return advantages, (advantages + values) * mask
 
 

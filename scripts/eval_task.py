@@ -3,6 +3,11 @@
     python scripts/eval_task.py --model runs/readme/sft/LATEST --task toy_add [--n 200]
     python scripts/eval_task.py --model tiny --task toy_add     # the untrained random init
     python scripts/eval_task.py --model runs/readme/grpo/LATEST --against runs/readme/sft/LATEST --task toy_sort --n 500
+
+A multi-turn task (``toy_calc``, ``toy_guess``: data/toy_env.py) plays greedy episodes against its
+environment instead: an episode scores 1 when the environment reports it ``solved``; the
+environment's other ``info`` (the calculator's ``tool_calls``) is averaged over all episodes and
+over the solved ones.
 """
 
 import argparse
@@ -18,14 +23,21 @@ from omegaconf import OmegaConf  # noqa: E402
 import models  # noqa: E402
 from data import load_rows  # noqa: E402
 from data.toy import REWARDS  # noqa: E402
-from evaluation import paired_comparison, task_scores  # noqa: E402
+from data.toy_env import TASK_ENVIRONMENTS  # noqa: E402
+from evaluation import episode_scores, paired_comparison, task_scores  # noqa: E402
+
+EPISODE_TOKENS = 512  # of an episode, prompt included (its replies are at most 16 tokens each)
 
 
-def scores(name: str, rows: list[dict], task: str, seed: int) -> list[float]:
+def scores(name: str, rows: list[dict], task: str, seed: int, max_turns: int) -> tuple[list[float], dict]:
+    """Each row's 0/1 score; for a multi-turn task also the environment's info averaged."""
     config_file = models.REPO / "config" / "model" / f"{name}.yaml"
     model_cfg = OmegaConf.load(config_file) if config_file.exists() else OmegaConf.create({"name_or_path": name})
     model = models.load_model(model_cfg, torch.device("cpu"), seed=seed)
-    return task_scores(model, models.load_tokenizer(model_cfg), rows, REWARDS[task])
+    tokenizer = models.load_tokenizer(model_cfg)
+    if task in TASK_ENVIRONMENTS:
+        return episode_scores(model, tokenizer, rows, TASK_ENVIRONMENTS[task], max_turns, EPISODE_TOKENS)
+    return task_scores(model, tokenizer, rows, REWARDS[task]), {}
 
 
 def main():
@@ -36,13 +48,15 @@ def main():
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (as train.py's seed)")
     parser.add_argument("--label", default=None, help="name printed with the result")
+    parser.add_argument("--max-turns", type=int, default=4, help="a multi-turn task's replies per episode (max_turns)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = load_rows(f"{args.task}_prompts", "test", "prompt")[: args.n]
-    after = scores(args.model, rows, args.task, args.seed)
-    result = {"model": args.label or args.model, "task": args.task, "n": len(rows), "accuracy": sum(after) / len(rows)}
+    after, info = scores(args.model, rows, args.task, args.seed, args.max_turns)
+    result = {"model": args.label or args.model, "task": args.task, "n": len(rows), "accuracy": sum(after) / len(rows),
+              **info}
     if args.against:
-        before = scores(args.against, rows, args.task, args.seed)
+        before, _ = scores(args.against, rows, args.task, args.seed, args.max_turns)
         result.update({"against": args.against, "against_accuracy": sum(before) / len(rows),
                        **paired_comparison(before, after)})
     print(json.dumps(result))

@@ -469,7 +469,7 @@ def test_local_blank_lines_keep_line_numbers(tmp_path):
     (lambda rows: rows[6].update(message=""), 7, "message", "empty"),
     (lambda rows: rows[5].update(reject="Good answer 5."), 6, "reject", "identical"),
     (lambda rows: rows[2].update(chose=[user("Question 2?")]), 3, "chose", "must end with an assistant message"),
-    (lambda rows: rows[2].update(message=[user("Hi"), assistant("Hello")]), 3, "message", "must end with a user turn"),
+    (lambda rows: rows[2].update(message=[user("Hi"), assistant("Hello")]), 3, "message", "must end with a user (or tool) turn"),
     (lambda rows: rows[8].update(message=[{"role": "robot", "content": "x"}]), 9, "message", "role"),
     (lambda rows: rows.__setitem__(9, ["not", "an", "object"]), 10, None, "expected an object"),
 ])

@@ -281,7 +281,7 @@ BAD = [  # (file name, lines, what the message must name)
     ("missing.jsonl", [{"prompt": "q", "response_a": "x"}], "missing.jsonl: row 1: field 'response_b': missing"),
     ("json.jsonl", [ROWS[0], '{"prompt": "q", "response_a": '], "json.jsonl: row 2: malformed JSON"),
     ("turn.jsonl", [ROWS[0], ROWS[1], {**ROWS[0], "prompt": [{"role": "assistant", "content": "hi"}]}],
-     "turn.jsonl: row 3: field 'prompt': the conversation must end with a user turn"),
+     "turn.jsonl: row 3: field 'prompt': the conversation must end with a user (or tool) turn"),
     ("same.jsonl", [{"prompt": "q", "response_a": "x", "response_b": "x"}],
      "same.jsonl: row 1: field 'response_b': identical"),
     ("type.jsonl", [{"prompt": "q", "response_a": 3, "response_b": "x"}],
