@@ -592,3 +592,30 @@ def test_rloo_sequence_loss_is_the_papers_estimator(seed):
     on = sequence_ppo_loss(logp, logp.detach(), adv_tokens, mask, seq_ids, B, 0.2, 0.28)[0].sum() / B
     (g_on,) = torch.autograd.grad(on, logp)
     torch.testing.assert_close(g_on, t([[-adv[i] / B * m for m in row] for i, row in enumerate(mask_of(lens))]), **TOL)
+
+
+def test_a_mask_with_holes_is_time_over_the_policy_tokens_alone():
+    """A multi-turn episode's observation tokens (mask 0 between replies) are skipped: GAE, the
+    return-to-go and the last-token reward equal those of the policy's tokens alone, laid back."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0]], dtype=torch.float32)
+    rewards, values = torch.randn(1, 11), torch.randn(1, 11)
+    keep = mask[0] > 0
+    r, v = rewards[0, keep].tolist(), values[0, keep].tolist()
+    gamma, lam, n = 0.9, 0.8, len(r)
+    adv, running = [0.0] * n, 0.0  # the paper's recursion on the policy's tokens, V past the last = 0
+    for t in reversed(range(n)):
+        delta = r[t] + gamma * (v[t + 1] if t + 1 < n else 0.0) - v[t]
+        running = delta + gamma * lam * running
+        adv[t] = running
+    got_adv, got_ret = gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(got_adv[0, keep], torch.tensor(adv))
+    torch.testing.assert_close(got_ret[0, keep], torch.tensor(adv) + values[0, keep])
+    assert got_adv[0, ~keep].abs().sum() == 0
+    g, ret = 0.0, [0.0] * n
+    for t in reversed(range(n)):
+        g = r[t] + gamma * g
+        ret[t] = g
+    torch.testing.assert_close(discounted_returns(rewards, mask, gamma)[0, keep], torch.tensor(ret))
+    last = token_rewards(torch.tensor([2.0]), torch.zeros(1, 11), mask, 0.0)
+    assert last[0].tolist() == [0.0] * 8 + [2.0, 0.0, 0.0]
