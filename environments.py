@@ -160,8 +160,8 @@ def _checked_step(step) -> Step:
 class _Play:
     """One episode in progress."""
 
-    def __init__(self, example: dict, env):
-        self.example, self.env = example, env
+    def __init__(self, example: dict):
+        self.example, self.env = example, None
         self.conversation = list(example["prompt"])
         self.prompt_ids = example["prompt_ids"]
         self.tokens, self.mask, self.logps = [], [], []
@@ -182,7 +182,7 @@ class EpisodeRunner:
 
     def __init__(self, spec: str, tokenizer, max_turns: int, max_length: int, max_prompt_length: int,
                  timeout_s: float):
-        self.spec, self.env_cls = spec, load_environment(spec)
+        self.env_cls = load_environment(spec)
         self.tokenizer, self.pieces = tokenizer, ChatPieces(tokenizer)
         self.max_turns, self.max_length, self.max_prompt_length = max_turns, max_length, max_prompt_length
         self.timeout_s = timeout_s
@@ -192,7 +192,7 @@ class EpisodeRunner:
         this rank's prompt ``examples``, a prompt's episodes adjacent, as a ``rollout.Rollout`` whose
         ``episodes`` say what happened. ``params`` (``sampler.SamplingParams``) are each turn's, its
         ``seed`` (with the turn) seeding the turn's sampling."""
-        plays = [_Play(ex, None) for ex in examples for _ in range(n)]
+        plays = [_Play(ex) for ex in examples for _ in range(n)]
         self._reset(plays)
         for turn in range(self.max_turns):
             active = [p for p in plays if p.finish is None]
@@ -212,8 +212,7 @@ class EpisodeRunner:
     def _reset(self, plays: list[_Play]):
         def reset(p):
             p.env = self.env_cls()
-            row = {k: v for k, v in p.example["row"].items()}
-            return p.env.reset(list(p.example["prompt"]), **row)
+            return p.env.reset(list(p.example["prompt"]), **p.example["row"])
 
         for p, (opening, error) in zip(plays, call_all([lambda p=p: reset(p) for p in plays], self.timeout_s)):
             if error is None and opening is not None:
@@ -294,7 +293,12 @@ def metrics(rollout, prefix: str = "rollout") -> dict:
               f"{prefix}/template_drift": sum(checked) / max(len(checked), 1),
               f"{prefix}/turn_limit_fraction": sum(r == "turns" for r in rollout.finish_reasons) / n,
               f"{prefix}/env_error_fraction": sum(e.error is not None for e in episodes) / n}
-    # an episode cut short has not reported what it will: a missing value counts 0
-    for k in sorted({k for e in episodes for k, v in e.info.items() if isinstance(v, (int, float))}):
-        record[f"{prefix}/env/{k}"] = sum(float(e.info.get(k, 0)) for e in episodes) / n
+    record.update({f"{prefix}/env/{k}": v for k, v in info_means(episodes).items()})
     return record
+
+
+def info_means(episodes: list[Episode]) -> dict:
+    """Each numeric ``info`` key's mean over ``episodes``; an episode cut short has not reported
+    what it will: a missing value counts 0."""
+    keys = sorted({k for e in episodes for k, v in e.info.items() if isinstance(v, (int, float))})
+    return {k: sum(float(e.info.get(k, 0)) for e in episodes) / max(len(episodes), 1) for k in keys}

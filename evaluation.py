@@ -45,7 +45,7 @@ def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int,
     from types import SimpleNamespace
 
     from data.tokenize import tokenize_prompts
-    from environments import EpisodeRunner
+    from environments import EpisodeRunner, info_means
     from sampler import HFSampler, SamplingParams
 
     limits = SimpleNamespace(max_length=max_length, max_prompt_length=max_length - max_new_tokens)
@@ -56,8 +56,7 @@ def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int,
     solved = [float(bool(e.info.get("solved"))) for e in rollout.episodes]
 
     def averaged(episodes) -> dict:
-        keys = sorted({k for e in episodes for k, v in e.info.items() if isinstance(v, (int, float)) and k != "solved"})
-        out = {k: sum(float(e.info.get(k, 0)) for e in episodes) / max(len(episodes), 1) for k in keys}
+        out = {k: v for k, v in info_means(episodes).items() if k != "solved"}
         return {**out, "turns": sum(e.turns for e in episodes) / max(len(episodes), 1)}
 
     won = [e for e, s in zip(rollout.episodes, solved) if s]

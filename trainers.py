@@ -519,11 +519,8 @@ class Trainer:
         ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
         self.sampler.sync_weights(self.model)
         examples = self.eval_examples[: len(self.eval_examples) // self.world * self.world]
-        mine, params = distributed.share(examples), SamplingParams(**self.cfg.eval_sampling)
-        if self.env is not None:
-            rollout = self.env.rollout(self.sampler, mine, 1, params)
-        else:
-            rollout = Rollout.of(mine, self.complete(mine, params), self.tokenizer.eos_token_id)
+        mine = distributed.share(examples)
+        rollout = self.sample(mine, SamplingParams(**self.cfg.eval_sampling))
         self.rewards.score(rollout)
         rollout = Rollout.cat(distributed.gather([rollout]))
         record = {"eval/reward": rollout.scores.mean().item() if len(rollout) else 0.0}
@@ -537,6 +534,13 @@ class Trainer:
         self.metrics.samples([{"prompt": p, "completion": t, "score": s} for p, t, s in
                               zip(rollout.prompts, rollout.texts, rollout.scores.tolist())], self.step)
         return record
+
+    def sample(self, examples: list[dict], params: SamplingParams) -> Rollout:
+        """Collective: this rank's ``params.n`` samples of each prompt example, unscored: episodes
+        of the environment (``env=``), else the sampler's completions."""
+        if self.env is not None:
+            return self.env.rollout(self.sampler, examples, params.n, params)
+        return Rollout.of(examples, self.complete(examples, params), self.tokenizer.eos_token_id)
 
     def complete(self, examples: list[dict], params: SamplingParams) -> list[list]:
         """The sampler's completions (``sampler.Sample``) of each prompt example, ``params.n`` each."""
@@ -813,10 +817,7 @@ def sample_rollout(trainer) -> tuple[Rollout, dict]:
     t = time.perf_counter()
     # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
     params = SamplingParams(n=loss.n_samples_per_prompt, seed=trainer.cfg.seed * 1_000_003 + step, **loss.sampling)
-    if trainer.env is not None:
-        rollout = trainer.env.rollout(trainer.sampler, mine, params.n, params)
-    else:
-        rollout = Rollout.of(mine, trainer.complete(mine, params), trainer.tokenizer.eos_token_id)
+    rollout = trainer.sample(mine, params)
     timing["generate"], t = time.perf_counter() - t, time.perf_counter()
     trainer.rewards.score(rollout)
     timing["score"] = time.perf_counter() - t
