@@ -83,8 +83,8 @@ def calc_prompt_rows(split: str) -> list[dict]:
 
 
 def guess_games(split: str) -> list[tuple[int, int, int]]:
-    """(low, high, secret): ranges of 4 to 15 numbers starting at 1 to 9."""
-    games = [(lo, lo + w - 1, s) for lo in range(1, 10) for w in range(4, 16) for s in range(lo, lo + w)]
+    """(low, high, secret): ranges of 4 to 15 numbers starting at 1 to 30."""
+    games = [(lo, lo + w - 1, s) for lo in range(1, 31) for w in range(4, 16) for s in range(lo, lo + w)]
     mine = [g for g in games if _is_test(guess_prompt(g[0], g[1]) + str(g[2])) == (split == "test")]
     random.Random(f"guess-{split}").shuffle(mine)
     return mine
@@ -104,7 +104,8 @@ class GuessNumber(Environment):
 
     def step(self, reply: str) -> Step:
         self.left -= 1
-        guess = int(reply) if reply.strip().isdigit() else None
+        said = reply.strip()
+        guess = int(said) if said.isascii() and said.isdigit() else None  # isdigit() alone takes "²"
         if guess == self.secret:
             return Step(reward=1.0, done=True, info={"solved": 1.0})
         if self.left == 0:
