@@ -1,7 +1,7 @@
 """What a run leaves in run_dir, whatever happens to it: SIGKILL of every rank at seeded random
 moments (mid-step, inside a checkpoint's write, inside the final export), each followed by
 ``resume=true``, ends with the metrics.jsonl, LATEST/ and checkpoints of the uninterrupted run, for
-SFT, DPO (also with QLoRA), GRPO and online DPO; and each way of hurting a run that used to lose or corrupt work: a
+SFT, DPO (also with QLoRA), GRPO (also on multi-turn episodes) and online DPO; and each way of hurting a run that used to lose or corrupt work: a
 kill between the last checkpoint and its export, a kill before the first checkpoint, a resume with
 another config, two jobs in one run_dir, a damaged checkpoint, a full disk, Ctrl-C (once, twice),
 and slurm's warning signal arriving twice.
@@ -21,6 +21,7 @@ import pytest
 import checkpointing
 from conftest import REPO
 from kill_points import choose, killed, outcome, run, small_datasets
+from test_environments import envs, stopper  # noqa: F401  (fixtures, for the episodes' run)
 
 SFT = ["batch_size=8", "eval_batch_size=8", "n_examples=48", "n_eval_examples=8", "lr=1e-3", "warmup_steps=1",
        "eval_every=24", "max_length=64", "max_prompt_length=32", "save_every=16", "keep_checkpoints=2"]
@@ -51,6 +52,9 @@ RUNS = {
     "dpo_qlora": lambda d, data: sft(d, data, "loss=dpo", f"datasets=[{data['pref']}]", "lora.r=8",
                                      "lora.load_in_4bit=true", "lr=1e-2"),
     "grpo": lambda d, data: rl(d, data, "loss=grpo", "reward.functions=[toy_add]"),
+    # three-turn episodes: a model whose replies end, and an environment that answers each
+    "grpo_env": lambda d, data: rl(d, data, "loss=grpo", f"env={data['envs']}:Echo", f"model.archive={data['stopper']}",
+                                   "reward.functions=[]", "max_turns=3", "max_length=96"),
     # an untrained model never adds right: the length of a completion is a reward that varies
     "online_dpo": lambda d, data: rl(d, data, "loss=online_dpo", "loss.rollout_batch_size=8", "batch_size=2",
                                      "n_examples=16", f"reward.functions=[{data['length_reward']}:length]"),
@@ -87,12 +91,17 @@ def test_sigkilled_anywhere_any_number_of_times_resumes_to_the_uninterrupted_run
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_each_trainer_sigkilled_once_resumes_to_the_uninterrupted_run(tmp_path, data, name):
+def test_each_trainer_sigkilled_once_resumes_to_the_uninterrupted_run(tmp_path, data, name, request):
     reward = "def length(prompt, completion, **row):\n    return float(len(completion))\n"
     (tmp_path / "length_reward.py").write_text(reward)
     data = {**data, "length_reward": tmp_path / "length_reward.py"}
+    if name == "grpo_env":
+        data = {**data, "envs": request.getfixturevalue("envs"), "stopper": request.getfixturevalue("stopper")}
     done = run(tmp_path, RUNS[name](tmp_path / "whole", data))
     assert done.codes == [None, None], done.output
+    if name == "grpo_env":
+        lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+        assert max(x.get("rollout/turns", 0) for x in lines) > 1.5
     training = [[m for m in trace if m[0] >= 1] for trace in done.traces]  # a moment after the first update
     (at,) = choose(training, random.Random(f"14-{name}"), 1)
     run_dir = tmp_path / "killed"
