@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Multi-turn RL with a tool, on 2 CPU ranks: SFT warm start on toy_calc, then GRPO with the
-# calculator environment; greedy accuracy on held-out questions before and after (paired).
+# Multi-turn RL on 2 CPU ranks, two tasks: a tool (the calculator) and feedback over turns (guess
+# the number). Each: an SFT warm start, then GRPO with the environment; greedy accuracy on held-out
+# games before and after, paired (scripts/eval_task.py).
 #   bash scripts/demo_agents.sh [run root, default runs/demo_agents]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +21,16 @@ $TORCHRUN train.py loss=grpo model=tiny model.archive="$ROOT/sft/LATEST" dataset
     eval_every=1280 n_eval_examples=200 eval_batch_size=256 eval_sampling.max_new_tokens=16 run_dir="$ROOT/grpo"
 $PY scripts/eval_task.py --task toy_calc --n 500 --max-turns 3 --model "$ROOT/grpo/LATEST" --label after-grpo \
     --against "$ROOT/sft/LATEST"
+
+echo "== SFT warm start on toy_guess (random guesses within the hints, leaning low)"
+$TORCHRUN train.py loss=sft model=tiny datasets=[toy_guess] exp_name=demo_guess_sft batch_size=128 lr=3e-3 \
+    warmup_steps=30 n_examples=25600 eval_every=12800 run_dir="$ROOT/guess_sft"
+
+echo "== GRPO with env=guess_number, from the SFT model"
+$TORCHRUN train.py loss=grpo model=tiny model.archive="$ROOT/guess_sft/LATEST" datasets=[toy_guess_prompts] \
+    env=guess_number max_turns=4 exp_name=demo_guess_grpo loss.rollout_batch_size=64 loss.n_samples_per_prompt=8 \
+    loss.filter_groups=true loss.sampling.max_new_tokens=4 loss.kl_coef=0.01 batch_size=64 lr=1e-4 warmup_steps=20 \
+    n_examples=5120 eval_every=1280 n_eval_examples=323 eval_batch_size=323 eval_sampling.max_new_tokens=4 \
+    run_dir="$ROOT/guess_grpo"
+$PY scripts/eval_task.py --task toy_guess --n 323 --max-turns 4 --model "$ROOT/guess_grpo/LATEST" --label after-grpo \
+    --against "$ROOT/guess_sft/LATEST"
