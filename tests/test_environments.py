@@ -7,6 +7,7 @@ A scripted sampler plays the policy where the test must know what it says: a rep
 of the conversation so far (and, on the first turn, of the sample's place in its group of
 ``n_samples_per_prompt``), so that the tokens expected can be written out here."""
 
+import functools
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from data.tokenize import IGNORE, tokenize_prompts
 from environments import ChatPieces, EpisodeRunner, call_all
 from helpers import assert_same_run, metrics, rl_overrides
 from sampler import Sample, SamplingParams
+from test_rl_trainer import rl_run
 from test_sampler import tiny_checkpoint, trained_tiny, tokenizer, vllm_or_skip, vllm_subprocess
 from trainers import TRAINERS
 
@@ -279,21 +281,8 @@ def stopper(tmp_path_factory):
     return path
 
 
-def real_run(rank, world, overrides, crash_at=None):
-    cfg = make_cfg(*overrides)
-    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
-    if crash_at is not None:
-        step = trainer.train_step
-
-        def crashing():
-            if trainer.step == crash_at:
-                raise RuntimeError(f"killed at iteration {crash_at + 1}")
-            return step()
-
-        trainer.train_step = crashing
-    trainer.train()
-    weights = checkpointing.full_state_dict(trainer.model)  # collective
-    return weights if rank == 0 else None
+# an RL run in ranks (its weights, and critic, from rank 0): HF sampling, no scripted policy
+real_run = functools.partial(rl_run, fixed=False)
 
 
 def echo_overrides(run_dir, envs, stopper, *extra):
@@ -315,11 +304,11 @@ def test_the_trainer_recomputes_the_samplers_log_probs_on_the_policy_tokens(tmp_
 def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_run(tmp_path, envs, stopper):
     base = ["n_examples=12", "save_every=4"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    ref = run_ranks(real_run, 1, tmp_path, echo_overrides(whole, envs, stopper, *base))[0]
+    ref, _ = run_ranks(real_run, 1, tmp_path, echo_overrides(whole, envs, stopper, *base))[0]
     with pytest.raises(Exception):
         run_ranks(real_run, 1, tmp_path, echo_overrides(broken, envs, stopper, *base), 2)
     assert [p.name for p in checkpointing.complete(broken)] == ["step-1", "step-2"]
-    got = run_ranks(real_run, 1, tmp_path, echo_overrides(broken, envs, stopper, *base, "resume=true"))[0]
+    got, _ = run_ranks(real_run, 1, tmp_path, echo_overrides(broken, envs, stopper, *base, "resume=true"))[0]
     strip = [[{k: v for k, v in r.items() if not k.startswith("timing/") and k != "samples_per_s"} for r in metrics(d)]
              for d in (broken, whole)]
     assert any(r.get("rollout/turns", 0) >= 2 for r in strip[1])
