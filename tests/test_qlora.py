@@ -10,7 +10,12 @@ import models
 from conftest import fast_overrides, make_cfg, run_ranks
 from helpers import assert_same_run, metrics
 
-QLORA = ["lora.r=8", "lora.alpha=16", "lora.load_in_4bit=true", "lr=3e-2", "n_examples=96"]
+# lr=1e-2, not more: at 3e-2 the run overshoots (train loss 4.72 -> 6.06 at step 4, eval 5.52 -> 6.05)
+# and its step-7 grad_norm then moves by 0.5-2% with the CPU's kernels alone, on 1 rank as on 2 (1
+# rank: 1.0171 with AVX-512 kernels, 1.0215 with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2;
+# AMD EPYC AVX2: 1.0380 on 1 rank, 1.0268 on 2). At 1e-2 no step overshoots, and 2 ranks = 1 to
+# 1.1e-6 in loss and grad_norm at every step under both kernel sets
+QLORA = ["lora.r=8", "lora.alpha=16", "lora.load_in_4bit=true", "lr=1e-2", "n_examples=96"]
 
 # The 16 NF4 levels (Dettmers et al. 2023, arXiv:2305.14314, Appendix E): quantiles of N(0, 1)
 # scaled to [-1, 1], with an exact zero
@@ -97,16 +102,15 @@ def test_qlora_trains_the_adapters_over_an_nf4_base_and_exports_what_trained(tmp
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), saved[:3]
     assert len(saved) == 4 * 7 * 2  # 4 layers x 7 adapted linears x (A, B)
     evals = [r["eval/loss"] for r in metrics(tmp_path / "w2") if "eval/loss" in r]
-    assert evals[-1] < 0.9 * evals[0]  # 5.51 -> 4.5; plain LoRA goes 5.50 -> 4.54 (test_lora)
-    # the same quantization on any number of ranks: 2 ranks train what 1 does. At the first update
-    # to fp32 rounding; lr=3e-2 then amplifies the ranks' other summation order to ~1e-3 in
-    # grad_norm at one step, while the losses stay within 1e-6
+    assert evals[-1] < 0.85 * evals[0]  # 5.52 -> 4.42; plain LoRA goes 5.50 -> 4.54 (test_lora)
+    # the same quantization on any number of ranks: 2 ranks train what 1 does, to fp32 rounding at
+    # every step (measured 1.1e-6 at most; see QLORA)
     one, two = metrics(tmp_path / "w1"), metrics(tmp_path / "w2")
     first = [next(r for r in run if "grad_norm" in r) for run in (one, two)]
     for key in ("loss/train", "grad_norm"):
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-6)
-    assert_same_run(one, two, rtol=2e-3)
-    torch.testing.assert_close(runs[1][0], logits, rtol=0, atol=1e-3)
+    assert_same_run(one, two, rtol=2e-5)
+    torch.testing.assert_close(runs[1][0], logits, rtol=0, atol=1e-4)
     # LATEST is the dequantized base with the adapters merged: the trained model's logits
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "w2" / "LATEST").eval()
     ids = torch.randint(3, 262, (2, 20), generator=torch.Generator().manual_seed(0))
