@@ -290,9 +290,10 @@ def metrics(rollout, prefix: str = "rollout") -> dict:
     checked = [e.drift for e in episodes if e.drift is not None]
     record = {f"{prefix}/turns": sum(e.turns for e in episodes) / n,
               f"{prefix}/policy_tokens": rollout.mask.sum().item() / n,
-              f"{prefix}/template_drift": sum(checked) / max(len(checked), 1),
               f"{prefix}/turn_limit_fraction": sum(r == "turns" for r in rollout.finish_reasons) / n,
               f"{prefix}/env_error_fraction": sum(e.error is not None for e in episodes) / n}
+    if checked:  # drift is measured where an observation followed a reply; none: no mean
+        record[f"{prefix}/template_drift"] = sum(checked) / len(checked)
     record.update({f"{prefix}/env/{k}": v for k, v in info_means(episodes).items()})
     return record
 

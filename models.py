@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ def _import_torchao_quietly():
 _import_torchao_quietly()
 
 REPO = Path(__file__).resolve().parent
+log = logging.getLogger("train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,17 +85,76 @@ def attn_implementation(requested: str, device: torch.device, config) -> str:
     return requested
 
 
-def model_config(model_cfg):
-    """The transformers config of the weights ``model_cfg`` names, or of its ``init`` architecture."""
+def bf16_slowdown(device: torch.device) -> float:
+    """How many times longer a bf16 matmul takes than an fp32 one here (256^3, best of 3 after a
+    warm-up, ~50 ms): about 0.4 on CPUs that compute bf16 (AMX, AVX-512-BF16), 40-70 on CPUs that
+    emulate it (AVX2 only: 0.8-2 GFLOP/s against 56-86)."""
+    def seconds(dtype) -> float:
+        a = torch.randn(256, 256, device=device).to(dtype)
+        a @ a
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        return best
+    return seconds(torch.bfloat16) / seconds(torch.float32)
+
+
+def compute_dtype(requested: str, device: torch.device) -> str:
+    """The dtype for ``model.fsdp_policy_mp``. ``auto``: bfloat16 on a GPU that supports it and on a
+    CPU that computes it at least as fast as fp32 (measured, ``bf16_slowdown``), else float32. An
+    explicit bfloat16 that this CPU computes slower is kept and warned about."""
+    if requested not in ("auto", *DTYPES):
+        raise ConfigError(f"model.fsdp_policy_mp={requested}: expected auto, {', '.join(DTYPES)}")
+    if device.type == "cuda":
+        return "bfloat16" if requested == "auto" and torch.cuda.is_bf16_supported() else requested.replace("auto", "float32")
+    if requested not in ("auto", "bfloat16"):
+        return requested
+    slowdown = bf16_slowdown(device)
+    if requested == "auto":
+        return "bfloat16" if slowdown <= 1 else "float32"
+    if slowdown > 2:
+        log.warning(f"model.fsdp_policy_mp=bfloat16: this CPU computes bf16 matmuls {slowdown:.0f}x slower than "
+                    f"fp32 (measured): set model.fsdp_policy_mp=auto or float32 unless bf16 is what you test")
+    return requested
+
+
+def is_local(path: str) -> bool:
+    """A local path rather than a hub id (``name`` or ``namespace/name``): it exists, starts with
+    / . or ~, or has two slashes or more (``runs/sft/LATEST``)."""
+    return Path(path).exists() or path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+# how the local directories we make come to exist, for the one-line error when one is missing
+MADE_BY = {"SmolLM2-135M-Instruct": "run python scripts/get_real_model.py to make it",
+           "LATEST": "a stage writes it when it finishes: did that run end?"}
+
+
+def check_local_dir(path: str, key: str):
+    """A ``ConfigError`` naming ``key`` when ``path`` is meant as a local directory and is none."""
+    if is_local(path) and not Path(path).is_dir():
+        hint = MADE_BY.get(Path(path).name)
+        raise ConfigError(f"{key}={path}: no such directory" + (f" ({hint})" if hint else ""))
+
+
+def weights_key(model_cfg) -> str:
+    return "model.archive" if model_cfg.get("archive") else "model.name_or_path"
+
+
+def model_config(model_cfg, key: str | None = None):
+    """The transformers config of the weights ``model_cfg`` names, or of its ``init`` architecture.
+    A path that is no model directory is a ``ConfigError`` naming ``key`` (default: the model
+    config's key that holds it)."""
     path = weights_path(model_cfg)
     if path is not None:
-        key = "model.archive" if model_cfg.get("archive") else "model.name_or_path"
+        key = key or weights_key(model_cfg)
         if Path(path).is_file():
             raise ConfigError(f"{key}={path} is a file: expected a Hugging Face model directory (config.json and "
                               f"weights, e.g. <run_dir>/LATEST); a DPO-repo policy.pt is not one")
-        if Path(path).is_absolute() or path.startswith(".") or Path(path).exists():
-            if not (Path(path) / "config.json").exists():
-                raise ConfigError(f"{key}={path}: no such model directory (it needs a config.json)")
+        check_local_dir(path, key)
+        if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+            raise ConfigError(f"{key}={path}: not a Hugging Face model directory (no config.json)")
         try:
             return AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:  # a hub id that cannot be fetched (offline, gated, mistyped)
@@ -108,9 +170,25 @@ def load_tokenizer(model_cfg):
     path = resolve(model_cfg.get("tokenizer_name_or_path")) or weights_path(model_cfg)
     if path is None:
         raise ValueError("model config names no tokenizer: set model.tokenizer_name_or_path or model.name_or_path")
-    tok = AutoTokenizer.from_pretrained(path)
+    from data.tokenize import end_of_turn
+
+    key = "model.tokenizer_name_or_path" if model_cfg.get("tokenizer_name_or_path") else weights_key(model_cfg)
+    check_local_dir(path, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer files; a hub id that cannot be fetched (offline, gated, mistyped)
+        raise ConfigError(f"{key}={path}: cannot load a tokenizer from it: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:  # packing never attends to padding, so any token will do
         tok.pad_token = tok.eos_token
+    # Sampling stops, and a reply ends, at eos_token_id everywhere: it must be the token the chat
+    # template ends a turn with (Gemma's <end_of_turn>, not its <eos>; <|eot_id|> for a Llama-3
+    # tokenizer whose EOS is <|end_of_text|>).
+    eot = end_of_turn(tok)
+    if eot != tok.eos_token_id:
+        eot = tok.convert_ids_to_tokens(eot)
+        log.info(f"tokenizer {path}: the chat template ends a turn with {eot!r}, used as the EOS token "
+                 f"instead of {tok.eos_token!r}")
+        tok.eos_token = eot
     return tok
 
 
@@ -347,26 +425,30 @@ def build_sharded(load, mesh, device: torch.device, load_once: bool = True, **sh
     return model
 
 
-# The largest per-token difference a correct packed forward shows against the same sequence alone:
-# fp32 rounding is ~1e-6; half precision's is ~1e-2. Leaking attention moves log-probs by 0.04-0.2
-# (OPT, Falcon, BioGPT in transformers 5.19).
-PACKING_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+# How much a probe sequence's output may differ between two rows where it follows different
+# sequences of the same length. Without a leak the two computations are the same arithmetic on the
+# same numbers (a masked key contributes an exact zero), so they agree to the last bit in any dtype,
+# or to a kernel's own noise; leaking attention moves log-probs by ~0.2 (OPT, Falcon in
+# transformers 5.19, fp32 and bf16). Comparing the packed sequence against itself alone instead mixes in the other
+# shape's rounding: 3e-6 in fp32 but 0.10 in bf16 on SmolLM2-135M, which reads as a leak.
+PACKING_TOLERANCE = 1e-3
 
 
 @torch.no_grad()
 def packing_error(model, device: torch.device) -> float:
-    """How much packing changes the model's output: two probe sequences A, B packed in one row
-    (``position_ids`` restarting at B, as ``data.packing.pack`` lays them out) against B alone at
-    the start of a row. Returns the largest difference over B's tokens of the log-probs (a causal
-    LM) or the scores (a ``RewardModel``). One forward of a [2, 11] batch; under FSDP every rank
-    runs it (it is collective)."""
+    """How much packing changes the model's output: the same probe sequence B packed behind two
+    different sequences A1 and A2 of the same length, in two rows of one batch (``position_ids``
+    restarting at B, as ``data.packing.pack`` lays them out). Returns the largest difference
+    between the two rows over B's tokens of the log-probs (a causal LM) or the scores (a
+    ``RewardModel``): zero up to kernel noise unless B attends to what precedes it. One forward of
+    a [2, 11] batch; under FSDP every rank runs it (it is collective)."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randint(vocab, (6,), generator=g), torch.randint(vocab, (5,), generator=g)
-    input_ids = torch.stack([torch.cat([a, b]), torch.cat([b, a])]).to(device)
-    position_ids = torch.stack([torch.cat([torch.arange(6), torch.arange(5)]), torch.arange(11)]).to(device)
+    a1, a2, b = (torch.randint(vocab, (n,), generator=g) for n in (6, 6, 5))
+    input_ids = torch.stack([torch.cat([a1, b]), torch.cat([a2, b])]).to(device)
+    position_ids = torch.cat([torch.arange(6), torch.arange(5)]).expand(2, -1).to(device)
     was_training = model.training
-    model.eval()  # no dropout: the two rows must differ only by what packing does
+    model.eval()  # no dropout: the two rows must differ only by what precedes B
     try:
         if isinstance(model, RewardModel):
             out = model(input_ids, position_ids)[0].float()
@@ -374,7 +456,7 @@ def packing_error(model, device: torch.device) -> float:
             out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.float().log_softmax(-1)
     finally:
         model.train(was_training)
-    return (out[0, 6:] - out[1, :5]).abs().max().item()
+    return (out[0, 6:] - out[1, 6:]).abs().max().item()
 
 
 class RewardModel(torch.nn.Module):

@@ -243,7 +243,8 @@ class Rewards:
                   "rollout/invalid_fraction": sum(e is not None for e in rollout.errors) / n}
         for name in self.weights:
             valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
-            record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / max(len(valid), 1)
+            if valid:  # no valid score: no mean (the invalid ones are counted in rollout/invalid_fraction)
+                record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / len(valid)
         if rollout.episodes is not None:
             record.update(environments.metrics(rollout))
         return record

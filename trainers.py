@@ -85,6 +85,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def means(sums: dict, name: str, step: int, why: str = "") -> dict:
+    """``{name.format(k): sum / count}`` of a step's metric sums, without the metrics of nothing:
+    a mean over zero tokens, pairs or samples is not 0, so it is left out and warned about."""
+    out = {}
+    for k, (value, count) in sums.items():
+        if k in ("tokens", "padding"):
+            continue
+        if count > 0:
+            out[name.format(k)] = value / count
+        elif distributed.is_main():  # every rank has the same sums: say it once
+            log.warning(f"step {step}: {name.format(k)} is a mean over nothing{why}: not logged")
+    return out
+
+
 def crossed(every: int | None, before: int, after: int) -> bool:
     """True when the counter passed a multiple of ``every`` going from ``before`` to ``after``."""
     return bool(every) and after // every > before // every
@@ -101,8 +115,16 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         # 1. everything a user can get wrong, before anything is loaded
         self.check_config()
+        # every rank computes in the dtype rank 0 measured (model_config copies it to every other
+        # model); resolved before the resume check, which compares it with the checkpoint's
+        cfg.model.fsdp_policy_mp = distributed.from_main(
+            models.compute_dtype(cfg.model.fsdp_policy_mp, device) if self.rank == 0 else None)
         self.packs = cfg.packing in (True, "auto")  # build_model turns it off for a model that cannot pack (auto)
         self.resume_from = checkpointing.to_resume(self.run_dir, cfg)
+        # every model directory the run names, checked before anything is built
+        models.model_config(cfg.model)
+        for path in cfg.reward.models if self.row_format == "prompt" else ():
+            models.model_config(self.model_config(path), key="reward.models")
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.rewards, self.env = None, None
         if cfg.env:  # an environment and reward functions load now: a bad name costs no model build
@@ -291,7 +313,7 @@ class Trainer:
         transformers 5.19) lets packed sequences attend to each other, silently."""
         error = models.packing_error(model, self.device)
         distributed.reshard(model)
-        tolerance = models.PACKING_TOLERANCE[model_cfg.fsdp_policy_mp]
+        tolerance = models.PACKING_TOLERANCE
         if error <= tolerance:
             return
         config = model.config
@@ -310,7 +332,7 @@ class Trainer:
         or scaled after the head), which chunked log-probs would silently get wrong."""
         error = logprobs.head_error(model, self.device)
         distributed.reshard(model)
-        if error > models.PACKING_TOLERANCE[model_cfg.fsdp_policy_mp]:
+        if error > logprobs.HEAD_TOLERANCE[model_cfg.fsdp_policy_mp]:
             raise models.ConfigError(
                 f"{type(model).__name__.removeprefix('FSDP')} (model_type {model.config.model_type}) computes its "
                 f"logits from more than its LM head (chunked log-probs differ from its own logits by {error:.3g}): "
@@ -447,7 +469,7 @@ class Trainer:
         self.tokens_seen += int(sums["tokens"][0])
         record.update({"lr": lr, "tokens_per_s": sums["tokens"][0] / (time.perf_counter() - t0),
                        "padding_fraction": sums["padding"][0] / (sums["tokens"][0] + sums["padding"][0])})
-        record.update({f"{k}/train": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")})
+        record.update(means(sums, "{}/train", self.step + 1))
         return record
 
     def train_epochs(self, data, epochs: int) -> dict:
@@ -491,11 +513,13 @@ class Trainer:
             examples = self.eval_examples[: len(self.eval_examples) // self.world * self.world]
             mine, size = distributed.share(examples), max(1, self.cfg.eval_batch_size // self.world)
             sums = self.run_micro_batches([mine[i : i + size] for i in range(0, len(mine), size)], train=False)
-            record = {f"eval/{k}": v / max(c, 1e-12) for k, (v, c) in sums.items() if k not in ("tokens", "padding")}
+            record = means(sums, "eval/{}", self.step, f" ({len(examples)} of {len(self.eval_examples)} eval examples: "
+                                                       f"each of the {self.world} ranks evaluates as many)")
             if self.sampler is not None:
                 record.update(self.sample_eval())
-        self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
-        log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        if record:
+            self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
+            log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
         return record
 
     def sample_eval(self) -> dict:
@@ -523,7 +547,13 @@ class Trainer:
         rollout = self.sample(mine, SamplingParams(**self.cfg.eval_sampling))
         self.rewards.score(rollout)
         rollout = Rollout.cat(distributed.gather([rollout]))
-        record = {"eval/reward": rollout.scores.mean().item() if len(rollout) else 0.0}
+        if not len(rollout):
+            if self.rank == 0:
+                log.warning(f"step {self.step}: no eval prompt left over {self.world} ranks (each evaluates as "
+                            f"many): eval/reward not logged")
+            return {}
+        self.rewards.check(rollout, self.step)  # a reward function that fails on most samples stops the run here too
+        record = {"eval/reward": rollout.scores.mean().item()}
         if rollout.episodes is not None:  # the environment says whether an episode solved the task
             record.update(environments.metrics(rollout, "eval"))
             accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)
@@ -1043,6 +1073,8 @@ class PPOTrainer(PolicyGradientTrainer):
         super().check_config()
         if self.cfg.loss.critic_init == "reward" and not self.cfg.reward.models:
             raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
+        if self.cfg.loss.critic_init not in ("reward", "policy"):  # a model directory: checked before anything is built
+            models.model_config(self.model_config(self.cfg.loss.critic_init), key="loss.critic_init")
 
     def advantages(self, rollout: Rollout):
         loss, mask = self.cfg.loss, rollout.mask

@@ -104,11 +104,10 @@ def check_row(row: dict, shape: str, source: str, index: int) -> dict:
 def convert(rows: list[dict], have: str, want: str, source: str) -> list[dict]:
     if have == want:
         return rows
-    keep = ("prompt", "answer", "origin")
-    if want == "prompt":
-        return [{k: r[k] for k in keep if k in r} for r in rows]
+    if want == "prompt":  # every field stays: reward functions and environments read them (**row)
+        return rows
     if have == "pref" and want == "sft":
-        return [{**{k: r[k] for k in keep if k in r}, "response": r["chosen"]} for r in rows]
+        return [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")}, "response": r["chosen"]} for r in rows]
     raise DataError(f"{source}: holds {have!r} rows, but this loss needs {want!r} rows")
 
 

@@ -87,7 +87,7 @@ def _collect(name: str, split: str, files, parse, keep=lambda i: True) -> list[d
             if isinstance(out, str):
                 skipped[out] += 1
             else:
-                rows.append({**out, "origin": where(source, i + 1)})
+                rows.append({**r, **out, "origin": where(source, i + 1)})  # the other columns reach reward functions
     if skipped:
         reasons = ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items()))
         log.warning("%s %s: skipped %d of %d rows (%s)", name, split, sum(skipped.values()), seen, reasons)

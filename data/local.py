@@ -3,7 +3,8 @@
 The shape comes from the first row: chosen and rejected columns -> "pref", a response column ->
 "sft", only a prompt column -> "prompt". A prompt is a string (one user message) or a list of
 ``{role, content}`` messages ending with a user turn; a response/chosen/rejected is a string or a
-message list whose last message is the assistant's (its content is taken). Every row is checked
+message list whose last message is the assistant's (its content is taken). Every other column is
+kept in the row as it is, for reward functions and environments (``fn(prompt, completion, **row)``). Every row is checked
 before anything is returned; errors name the file, the row (the line for JSON lines) and the
 column. A file has one split, so rows whose 0-based index has index % 20 == 19 are "test", the
 rest "train": a file of fewer than 20 rows has no test rows (the run trains on all of it and
@@ -96,6 +97,12 @@ def _row(obj, path: str, n: int, prompt_key: str, fields: dict) -> dict:
     else:
         raise DataError(f"{where(path, n, prompt_key)}: expected a string or a list of messages, got {type(prompt).__name__}")
     row = {"prompt": prompt, **{f: _reply(obj[key], path, n, key) for f, key in fields.items()}, "origin": where(path, n)}
+    # the other columns go to reward functions and environments as they are (``fn(prompt, completion, **row)``)
+    others = {k: v for k, v in obj.items() if k not in (prompt_key, *fields.values())}
+    for k in others.keys() & row.keys():
+        raise DataError(f"{where(path, n, k)}: the loader makes a field of this name (from another column, or the "
+                        f"row's origin), which would hide this column: rename the column")
+    row.update(others)
     if "chosen" in row and row["chosen"] == row["rejected"]:
         raise DataError(f"{where(path, n, fields['rejected'])}: identical to {fields['chosen']!r}; such a pair teaches nothing")
     return row

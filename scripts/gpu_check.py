@@ -9,7 +9,7 @@ On a GPU (NCCL, bf16 compute, one rank; nothing downloaded) it takes ``config/mo
 1. packing: the model built in fp32 and in bf16 with each attention implementation present (sdpa;
    flash_attention_2 where ``flash_attn`` imports), per-token log-probs of sequences packed into rows
    (``logprobs.token_logps``, full logits and chunked) against each sequence run alone; passes when
-   the largest difference is within ``models.PACKING_TOLERANCE`` for the dtype (bf16: or within
+   the largest difference is within ``ALONE_TOLERANCE`` for the dtype (bf16: or within
    twice bf16's own error against fp32, ``packing_check``);
 2. SFT on ``toy_add``, DPO on ``toy_add_pref``, GRPO on ``toy_add_prompts`` with the ``toy_add``
    reward and ``sampler=hf``, a few steps each, ``torchrun --nproc_per_node 1 train.py``;
@@ -123,6 +123,11 @@ def alone(model, seq: dict, device) -> torch.Tensor:
     return logits.float().log_softmax(-1)[at, [seq["labels"][t + 1] for t in at]]
 
 
+# packed against alone compares two shapes' rounding: ~1e-6 in fp32, up to ~1e-2 in half precision
+# on small models (the trainer's own check, ``models.packing_error``, compares like with like)
+ALONE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
 @torch.no_grad()
 def packing_check(size: dict, device: torch.device) -> list[dict]:
     """For each attention implementation and dtype: the largest per-token difference between
@@ -131,7 +136,7 @@ def packing_check(size: dict, device: torch.device) -> list[dict]:
     fp32 is the sharp test (a correct model differs by ~1e-6, a leak by 1e-2 or more). In bf16 the
     bound is also twice bf16's own error, the largest difference between the sequences alone in
     bf16 and in fp32: at 1B parameters rounding alone moves a log-prob by up to ~0.08 (measured on
-    CPU), more than ``models.PACKING_TOLERANCE`` allows, so only a leak larger than that shows."""
+    CPU), more than ``ALONE_TOLERANCE`` allows, so only a leak larger than that shows."""
     p = size["pack"]
     attns = ["sdpa"] + (["flash_attention_2"] if device.type == "cuda" and importable("flash_attn") else [])
     rows, exact = [], None
@@ -145,7 +150,7 @@ def packing_check(size: dict, device: torch.device) -> list[dict]:
             model.to(models.DTYPES[dtype])  # fp32 first: bf16 is the same weights, rounded
             singles = torch.cat([alone(model, s, device) for s in seqs])
             row = {"attention": attn, "dtype": dtype, "sequences": len(seqs), "rows": batch["input_ids"].shape[0],
-                   "tokens": int((batch["seq_ids"] >= 0).sum()), "tolerance": models.PACKING_TOLERANCE[dtype]}
+                   "tokens": int((batch["seq_ids"] >= 0).sum()), "tolerance": ALONE_TOLERANCE[dtype]}
             if dtype == "float32":
                 exact = singles
             else:

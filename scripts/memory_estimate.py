@@ -275,7 +275,7 @@ def head_bytes(name: str, chunked: bool, resident_reference: bool = False, entro
 
 def stage_from_config(name: str, cfg, world: int, gpu_bytes: float, a: Arch) -> Stage:
     """The models and token counts ``train.py`` would run with ``cfg`` on ``world`` ranks."""
-    if cfg.model.fsdp_policy_mp != "bfloat16" or cfg.cpu_offload:
+    if cfg.model.fsdp_policy_mp not in ("bfloat16", "auto") or cfg.cpu_offload:  # auto is bf16 on a GPU
         raise ValueError("modelled: model.fsdp_policy_mp=bfloat16 and cpu_offload=false only")
     per_rank = cfg.batch_size // world // cfg.gradient_accumulation_steps
     if per_rank == 0:

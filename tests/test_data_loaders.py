@@ -33,6 +33,12 @@ def plain(rows):
     return [{k: v for k, v in r.items() if k != "origin"} for r in rows]
 
 
+def parsed(rows):
+    """The fields a loader makes of a hub row (the row's other columns ride along for reward
+    functions: test_other_columns_reach_reward_functions)."""
+    return [{k: r[k] for k in ("prompt", "response", "chosen", "rejected") if k in r} for r in rows]
+
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -144,7 +150,7 @@ HOA = "[TX] Can my HOA fine me for parking my car in my own driveway?"
 def test_shp_ratio_filter_and_label_direction(caplog):
     with caplog.at_level(logging.WARNING, logger="data.hub"):
         rows = hub.shp("train", os.path.join(HUB, "shp"))
-    assert plain(rows) == [
+    assert parsed(rows) == [
         # askculinary/train.json row 1: labels 1, score_ratio 4.0 -> A is chosen
         {"prompt": [user(STEAK)],
          "chosen": "Your pan probably isn't hot enough, or you're crowding it. Preheat for five minutes and cook one steak at a time.",
@@ -164,7 +170,7 @@ def test_shp_ratio_filter_and_label_direction(caplog):
 
 def test_shp_test_split_skips_validation_files():
     rows = hub.shp("test", os.path.join(HUB, "shp"))
-    assert plain(rows) == [
+    assert parsed(rows) == [
         {"prompt": [user("Is it safe to leave cooked rice out overnight?")],
          "chosen": "Not really: spores of Bacillus cereus survive cooking and can grow at room temperature. Refrigerate it within an hour or two.",
          "rejected": "Sure, my family does it all the time."},
@@ -196,7 +202,7 @@ def test_shp_bad_fields(tmp_path, field, value, complaint):
 def test_ultrafeedback_train_maps_to_train_prefs(caplog):
     with caplog.at_level(logging.WARNING, logger="data.hub"):
         rows = hub.ultrafeedback("train", os.path.join(HUB, "ultrafeedback"))
-    assert plain(rows) == [
+    assert parsed(rows) == [
         {"prompt": [user("Write a function in Python that reverses a string.")],
          "chosen": "def reverse(s):\n    return s[::-1]", "rejected": "def reverse(s):\n    return s.reverse()"},
         {"prompt": [user("Name three primary colors.")],
@@ -206,7 +212,7 @@ def test_ultrafeedback_train_maps_to_train_prefs(caplog):
 
 
 def test_ultrafeedback_test_maps_to_test_prefs():
-    assert plain(hub.ultrafeedback("test", os.path.join(HUB, "ultrafeedback"))) == [
+    assert parsed(hub.ultrafeedback("test", os.path.join(HUB, "ultrafeedback"))) == [
         {"prompt": [user("Summarize the plot of Romeo and Juliet in one sentence.")],
          "chosen": "Two young lovers from feuding families in Verona secretly marry, and a chain of misunderstandings ends in both of their deaths.",
          "rejected": "It is a play by Shakespeare."},
@@ -262,19 +268,19 @@ def test_sharegpt_train_rows_and_skips(caplog):
     # 20 conversations are "train" (index 19 is held out); 4 have no usable pair
     assert "sharegpt train: skipped 4 of 20 rows (no human->gpt pair: 3, speaker 'bing': 1)" in caplog.text
     assert len(rows) == 16
-    assert plain(rows)[0] == {"prompt": [user("What is the difference between a list and a tuple in Python?")],
+    assert parsed(rows)[0] == {"prompt": [user("What is the difference between a list and a tuple in Python?")],
                        "response": "A list is mutable: you can add, remove and change items. A tuple is immutable, so it can be used as a dictionary key."}
-    assert plain(rows)[1] == {"prompt": [{"role": "system", "content": "You are a concise assistant."},
+    assert parsed(rows)[1] == {"prompt": [{"role": "system", "content": "You are a concise assistant."},
                                   user("Summarize why the sky is blue."),
                                   assistant("Air molecules scatter short (blue) wavelengths of sunlight much more than long (red) ones, so blue light reaches us from every direction."),
                                   user("Shorter, please.")],
                        "response": "Air scatters blue light the most."}
     # the trailing unanswered human turn is dropped
-    assert plain(rows)[2] == {"prompt": [user("Give me a synonym for 'happy'.")], "response": "Joyful."}
+    assert parsed(rows)[2] == {"prompt": [user("Give me a synonym for 'happy'.")], "response": "Joyful."}
     # a chunk that starts with a gpt turn keeps it
-    assert plain(rows)[3] == {"prompt": [assistant("...so the loop runs `n` times in total."), user("What is its time complexity then?")],
+    assert parsed(rows)[3] == {"prompt": [assistant("...so the loop runs `n` times in total."), user("What is its time complexity then?")],
                        "response": "O(n)."}
-    assert plain(rows)[-1] == {"prompt": [user("How many bytes are in a kilobyte?")],
+    assert parsed(rows)[-1] == {"prompt": [user("How many bytes are in a kilobyte?")],
                         "response": "1000 bytes (SI); 1024 bytes is a kibibyte, though many tools still call it a kilobyte."}
     assert "juggle" not in json.dumps(rows)
 
@@ -284,8 +290,8 @@ def test_sharegpt_holdout_is_index_19_of_20():
                             assistant("Start with one ball: toss it in an arc from hand to hand at eye height."),
                             user("And when I add the second ball?")],
                  "response": "Throw the second ball when the first one peaks, and catch both before trying three."}]
-    assert plain(hub.sharegpt("test", os.path.join(HUB, "sharegpt"))) == expected
-    assert plain(hub.sharegpt("test", SHAREGPT)) == expected  # the path may also be the file itself
+    assert parsed(hub.sharegpt("test", os.path.join(HUB, "sharegpt"))) == expected
+    assert parsed(hub.sharegpt("test", SHAREGPT)) == expected  # the path may also be the file itself
 
 
 def test_sharegpt_malformed_turns(tmp_path):
@@ -324,7 +330,7 @@ def test_hub_path_asks_the_hub_for_the_same_files(monkeypatch, name, hub_id):
     fn = getattr(hub, name)
     for split in ("train", "test"):
         calls.clear()
-        assert plain(fn(split, None)) == plain(fn(split, os.path.join(HUB, name)))  # origins name other files
+        assert parsed(fn(split, None)) == parsed(fn(split, os.path.join(HUB, name)))  # origins name other files
         assert calls[0] == hub_id
 
 
@@ -332,14 +338,14 @@ def test_hub_path_asks_the_hub_for_the_same_files(monkeypatch, name, hub_id):
 
 def test_load_rows_with_local_hub_copies():
     paths = {name: os.path.join(HUB, name) for name in ("hh", "shp", "ultrafeedback", "sharegpt")}
-    assert plain(load_rows("hh", "test", "pref", paths=paths)) == HH_TEST
-    assert plain(load_rows("hh", "test", "sft", paths=paths)) == [{"prompt": r["prompt"], "response": r["chosen"]} for r in HH_TEST]
-    assert plain(load_rows("hh", "test", "prompt", paths=paths)) == [{"prompt": r["prompt"]} for r in HH_TEST]
+    assert parsed(load_rows("hh", "test", "pref", paths=paths)) == HH_TEST
+    assert parsed(load_rows("hh", "test", "sft", paths=paths)) == [{"prompt": r["prompt"], "response": r["chosen"]} for r in HH_TEST]
+    assert plain(load_rows("hh", "test", "prompt", paths=paths)) == HH_TEST  # a prompt row keeps its other fields
     assert len(load_rows("shp", "train", "pref", paths=paths)) == 3
-    assert plain(load_rows("shp", "test", "sft", paths=paths))[1] == {
+    assert parsed(load_rows("shp", "test", "sft", paths=paths))[1] == {
         "prompt": [user(HOA)],
         "response": "Only if the deed restrictions you agreed to say so. Ask the HOA in writing which rule you broke and request a hearing before they fine you."}
-    assert plain(load_rows("ultrafeedback", "test", "sft", paths=paths))[1] == {
+    assert parsed(load_rows("ultrafeedback", "test", "sft", paths=paths))[1] == {
         "prompt": [user("Translate 'thank you' into French.")], "response": "Merci."}
     assert len(load_rows("sharegpt", "train", "sft", paths=paths)) == 16
     assert load_rows("sharegpt", "test", "prompt", paths=paths)[0]["prompt"][0] == user("I'm learning to juggle. Any tips?")
@@ -396,7 +402,7 @@ def test_origin_names_the_file_row(tmp_path):
 
     # converting pairs to SFT rows (or prompts) keeps the origin
     assert load_rows(file, "test", "sft", keys=SEED000) == [
-        {"prompt": [user("Question 19?")], "response": "Good answer 19.", "origin": f"{tmp_path}/pairs.jsonl: row 20"}]
+        {"prompt": [user("Question 19?")], "response": "Good answer 19.", "origin": f"{tmp_path}/pairs.jsonl: row 20", "id": 19}]
     assert load_rows(file, "test", "prompt", keys=SEED000)[0]["origin"] == f"{tmp_path}/pairs.jsonl: row 20"
     paths = {"hh": os.path.join(HUB, "hh")}
     assert [r["origin"] for r in load_rows("hh", "test", "sft", paths=paths)] == [
@@ -429,14 +435,14 @@ def test_local_seed000_keys_and_holdout(tmp_path):
     train, shape = local.load_file(file, "train", SEED000)
     assert shape == "pref"
     assert len(train) == 20
-    assert plain(train)[0] == {"prompt": [user("Question 0?")], "chosen": "Good answer 0.", "rejected": "Bad answer 0."}
+    assert plain(train)[0] == {"prompt": [user("Question 0?")], "chosen": "Good answer 0.", "rejected": "Bad answer 0.", "id": 0}
     assert plain(train)[1] == {"prompt": [user("Hi"), assistant("Hello! How can I help?"), user("Question 1?")],
-                               "chosen": "Good answer 1.", "rejected": "Bad answer 1."}
-    assert plain(train)[19] == {"prompt": [user("Question 20?")], "chosen": "Good answer 20.", "rejected": "Bad answer 20."}
+                               "chosen": "Good answer 1.", "rejected": "Bad answer 1.", "id": 1}
+    assert plain(train)[19] == {"prompt": [user("Question 20?")], "chosen": "Good answer 20.", "rejected": "Bad answer 20.", "id": 20}
     test, _ = local.load_file(file, "test", SEED000)
-    assert plain(test) == [{"prompt": [user("Question 19?")], "chosen": "Good answer 19.", "rejected": "Bad answer 19."}]
+    assert plain(test) == [{"prompt": [user("Question 19?")], "chosen": "Good answer 19.", "rejected": "Bad answer 19.", "id": 19}]
     # the same through load_rows, converted for an SFT loss
-    assert plain(load_rows(file, "test", "sft", keys=SEED000)) == [{"prompt": [user("Question 19?")], "response": "Good answer 19."}]
+    assert plain(load_rows(file, "test", "sft", keys=SEED000)) == [{"prompt": [user("Question 19?")], "id": 19, "response": "Good answer 19."}]
 
 
 def test_local_formats_and_shapes(tmp_path):
@@ -448,10 +454,29 @@ def test_local_formats_and_shapes(tmp_path):
     for name in ("list.json", "lines.json", "t.parquet"):
         rows, shape = local.load_file(str(tmp_path / name), "train", {})
         assert (plain(rows), shape) == (expected, "sft")
-    # only a prompt column: "prompt" rows (an "answer" or other extra column is ignored)
+    # only a prompt column: "prompt" rows (an "answer" or other column is kept as it is)
     file = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "2+2?", "answer": "4"}])
     rows, shape = local.load_file(file, "train", {"prompt_key": "question"})
-    assert (plain(rows), shape) == ([{"prompt": [user("2+2?")]}], "prompt")
+    assert (plain(rows), shape) == ([{"prompt": [user("2+2?")], "answer": "4"}], "prompt")
+
+
+def test_other_columns_reach_reward_functions(tmp_path):
+    """Every column the loader does not consume stays in the row, as it is, for reward functions
+    and environments (``fn(prompt, completion, **row)``): a prompts file's reference answer, a
+    chat or preference file's metadata, a hub row's own columns."""
+    file = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "answer": 4, "meta": {"level": 1}}])
+    assert plain(load_rows(file, "train", "prompt")) == [{"prompt": [user("2+2?")], "answer": 4, "meta": {"level": 1}}]
+    file = write_jsonl(tmp_path / "c.jsonl", [{"q": "2+2?", "response": "4", "answer": "4"}])
+    assert plain(load_rows(file, "train", "prompt", keys={"prompt_key": "q"})) == [
+        {"prompt": [user("2+2?")], "response": "4", "answer": "4"}]  # the consumed column "q" is not repeated
+    file = write_jsonl(tmp_path / "pairs.jsonl", seed000_rows(3))
+    assert [r["id"] for r in load_rows(file, "train", "prompt", keys=SEED000)] == [0, 1, 2]
+    shp = load_rows("shp", "test", "prompt", paths={"shp": os.path.join(HUB, "shp")})
+    assert [r["domain"] for r in shp] == ["askculinary_test", "legaladvice_test"]
+    # a column that a field of the loader would hide is refused, naming it
+    file = write_jsonl(tmp_path / "clash.jsonl", [{"q": "2+2?", "prompt": "other"}])
+    with pytest.raises(DataError, match=r"clash.jsonl: row 1: field 'prompt': the loader makes a field of this name"):
+        load_rows(file, "train", "prompt", keys={"prompt_key": "q"})
 
 
 def test_local_blank_lines_keep_line_numbers(tmp_path):

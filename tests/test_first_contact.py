@@ -133,7 +133,7 @@ def test_model_paths_that_cannot_be_loaded_are_one_line(tmp_path):
     (tmp_path / "policy.pt").write_bytes(b"\0")
     with pytest.raises(models.ConfigError, match=r"model.archive=.*policy.pt is a file: expected a Hugging Face model directory"):
         models.model_config(cfg(archive=str(tmp_path / "policy.pt")))
-    with pytest.raises(models.ConfigError, match=r"model.name_or_path=.*nowhere: no such model directory"):
+    with pytest.raises(models.ConfigError, match=r"model.name_or_path=.*nowhere: no such directory$"):
         models.model_config(cfg(name_or_path=str(tmp_path / "nowhere")))
 
 
@@ -198,3 +198,44 @@ def test_a_conversation_the_chat_template_refuses_names_its_row(tmp_path):
         tokenize_sft(rows, tok, limits, "hh")
     assert str(e.value).startswith("hh.jsonl row 2: the model's chat template cannot render this conversation "
                                    "(roles user -> user): Conversation roles must alternate")
+
+
+def test_an_eval_of_nothing_is_not_logged_as_zero(tmp_path, caplog):
+    """Defect 3 of #26: one eval example on 2 ranks (each rank evaluates as many: none) logged
+    ``eval/loss=0.0000``, a perfect score, at every eval. It is now left out, with a warning."""
+    import trainers
+
+    data = sft_file(tmp_path / "one_eval_row.jsonl", 20)  # row index 19 is the one test row
+    run_dir = tmp_path / "run"
+    run_ranks(train_run, 2, tmp_path, fast_overrides(run_dir) + [f"datasets=[{data}]", "n_examples=16"])
+    records = metrics(run_dir)
+    assert [r["step"] for r in records if "loss/train" in r] == [1, 2]
+    assert not [r for r in records if "eval/loss" in r], records
+    with caplog.at_level("WARNING", logger="train"):
+        assert trainers.means({"loss": (0.0, 0.0), "tokens": (0.0, 0.0), "kl": (3.0, 2.0)}, "eval/{}", 5,
+                              " (why)") == {"eval/kl": 1.5}
+    assert caplog.messages == ["step 5: eval/loss is a mean over nothing (why): not logged"]
+
+
+def test_the_compute_dtype_fits_the_device(monkeypatch, caplog):
+    """Defect 4 of #26: bf16 (the real-model configs' default) on a CPU that emulates it runs
+    40-70x slower than fp32, without a word. ``auto`` measures; an explicit bf16 is warned about."""
+    import models
+
+    cpu = torch.device("cpu")
+    assert models.bf16_slowdown(cpu) > 0
+    for slowdown, auto in ((40.0, "float32"), (0.4, "bfloat16")):
+        monkeypatch.setattr(models, "bf16_slowdown", lambda device, s=slowdown: s)
+        with caplog.at_level("WARNING", logger="train"):
+            caplog.clear()
+            assert models.compute_dtype("auto", cpu) == auto
+            assert models.compute_dtype("float32", cpu) == "float32"
+            assert models.compute_dtype("bfloat16", cpu) == "bfloat16"  # kept: it may be what you test
+        warned = [m for m in caplog.messages if "bf16 matmuls" in m]
+        assert warned == ([f"model.fsdp_policy_mp=bfloat16: this CPU computes bf16 matmuls 40x slower than fp32 "
+                           f"(measured): set model.fsdp_policy_mp=auto or float32 unless bf16 is what you test"]
+                          if slowdown > 2 else [])
+    with pytest.raises(models.ConfigError, match="model.fsdp_policy_mp=bf16: expected auto, float32, bfloat16, float16"):
+        models.compute_dtype("bf16", cpu)
+    for name in ("blank_model", "smollm2_135m", "llama3_8b"):  # the configs of real models choose by measurement
+        assert make_cfg(f"model={name}").model.fsdp_policy_mp == "auto"

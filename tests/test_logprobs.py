@@ -108,7 +108,7 @@ def test_soft_capped_logits_are_honoured_and_a_scaled_head_is_refused():
     capped = tiny(model_type="gemma2", head_dim=16, final_logit_softcapping=0.5)  # a cap that bends every logit
     assert logprobs.head_error(capped, torch.device("cpu")) < 1e-5
     scaled = tiny(model_type="cohere", logit_scale=0.25)
-    assert logprobs.head_error(scaled, torch.device("cpu")) > models.PACKING_TOLERANCE["float32"]
+    assert logprobs.head_error(scaled, torch.device("cpu")) > logprobs.HEAD_TOLERANCE["float32"]
 
 
 def build(rank, world, overrides):

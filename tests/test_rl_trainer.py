@@ -284,6 +284,11 @@ def test_failing_reward_functions_are_reported_and_bounded(tmp_path, single_proc
     cfg = make_cfg(*rl_overrides(tmp_path / "typo", "grpo", f"reward.functions=[{path}:sometime]"))
     with pytest.raises(ValueError, match="has no function 'sometime'"):
         with_fixed_completions(cfg)
+    # the step-0 eval scores as training does: it used to log eval/reward=0.0 over samples that all failed
+    cfg = make_cfg(*rl_overrides(tmp_path / "eval", "grpo", "eval_at_start=true", f"reward.functions=[{path}:always]"))
+    with pytest.raises(RuntimeError, match=r"^step 0: 4 of 4 samples have no valid score .*always raised KeyError: 'answer_key'"):
+        with_fixed_completions(cfg).train()
+    assert not (tmp_path / "eval" / "metrics.jsonl").exists() or "eval/reward" not in (tmp_path / "eval" / "metrics.jsonl").read_text()
 
 
 def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, single_process):
