@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,9 @@ DEST = REPO / ".cache" / "SmolLM2-135M-Instruct"
 
 
 def convert(gguf_dir: Path, gguf_name: str, out: Path):
+    os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: setup.sh's output is one line, not progress bars
+    sys.path.insert(0, str(REPO))
+    import models  # noqa: F401  (imports torchao, which transformers imports too, without its CPU-build warnings)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
