@@ -4,8 +4,8 @@ The shape comes from the first row: chosen and rejected columns -> "pref", a res
 "sft", only a prompt column -> "prompt". A prompt is a string (one user message) or a list of
 ``{role, content}`` messages ending with a user turn; a response/chosen/rejected is a string or a
 message list whose last message is the assistant's (its content is taken). Every other column is
-kept in the row as it is, for reward functions and environments (``fn(prompt, completion, **row)``). Every row is checked
-before anything is returned; errors name the file, the row (the line for JSON lines) and the
+kept in the row as it is, for reward functions and environments (``fn(prompt, completion, **row)``).
+Every row is checked before anything is returned; errors name the file, the row (the line for JSON lines) and the
 column. A file has one split, so rows whose 0-based index has index % 20 == 19 are "test", the
 rest "train": a file of fewer than 20 rows has no test rows (the run trains on all of it and
 says it evaluates nothing of it).
