@@ -107,9 +107,9 @@ def compute_dtype(requested: str, device: torch.device) -> str:
     explicit bfloat16 that this CPU computes slower is kept and warned about."""
     if requested not in ("auto", *DTYPES):
         raise ConfigError(f"model.fsdp_policy_mp={requested}: expected auto, {', '.join(DTYPES)}")
-    if device.type == "cuda":
-        return "bfloat16" if requested == "auto" and torch.cuda.is_bf16_supported() else requested.replace("auto", "float32")
-    if requested not in ("auto", "bfloat16"):
+    if device.type == "cuda" and requested == "auto":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cuda" or requested not in ("auto", "bfloat16"):
         return requested
     slowdown = bf16_slowdown(device)
     if requested == "auto":

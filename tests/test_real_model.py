@@ -21,7 +21,7 @@ from data.packing import pack
 from data.tokenize import tokenize_sft
 from helpers import metrics
 from logprobs import token_logps
-from trainers import TRAINERS, per_sequence
+from trainers import TRAINERS
 
 # ``correct`` reads the row's answer; ``digits`` varies between any two samples, so that the
 # online loops always find a best and a worst sample to pair or keep
