@@ -28,7 +28,7 @@ import environments
 import models
 import rewards
 from data.packing import last_positions
-from data.tokenize import IGNORE, prompt_ids, response_ids
+from data.tokenize import IGNORE, end_of_turn, prompt_ids, reply_ids
 
 log = logging.getLogger("train")
 
@@ -206,13 +206,17 @@ class Rewards:
     @torch.no_grad()
     def model_scores(self, model, tokenizer, same: bool, rollout: Rollout) -> list[float]:
         """A reward model's score of each sample, read at its last token, the end-of-turn token the
-        model was trained to score at. A model with another tokenizer reads the re-tokenized text."""
+        model was trained to score at. A model with another tokenizer reads the text re-tokenized as
+        its training pairs were (``data.tokenize.reply_ids``: its own template's rendering)."""
+        eot = None if same else end_of_turn(tokenizer)
+
         def sequences(i: int) -> dict:
             if same:
                 ids = rollout.prompt_ids[i] + rollout.response(i)
                 ids += [] if ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
             else:
-                ids = prompt_ids(tokenizer, rollout.prompts[i]) + response_ids(tokenizer, rollout.texts[i])
+                ids = prompt_ids(tokenizer, rollout.prompts[i])
+                ids += reply_ids(tokenizer, rollout.prompts[i], ids, rollout.texts[i], eot, f"sample {i}")
             ids = ids[-self.max_tokens :]  # a re-tokenized sample can be longer; keep its end
             return {"input_ids": ids, "labels": ids}
 
