@@ -55,19 +55,27 @@ def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, te
 def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
                   with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] log-probs of ``targets`` and entropies (zeros without ``with_entropy``), both zero
-    where there is no target, the LM head applied ``chunk`` positions at a time. Under FSDP2 this runs as a forward of the root module
-    (``register``), so the root's weights (embeddings, LM head) are gathered as in ``model(...)``."""
+    where there is no target, the LM head applied ``chunk`` positions at a time and only at the
+    positions that have a target: a prompt's positions need the decoder, not the head (on
+    SmolLM2-135M the head is a fifth of the model's FLOPs, and RL's prompts most of a sequence).
+    Under FSDP2 this runs as a forward of the root module (``register``), so the root's weights
+    (embeddings, LM head) are gathered as in ``model(...)``."""
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden, flat_targets = hidden.flatten(0, 1), targets.clamp(min=0).flatten()
+    flat_targets = targets.flatten()
+    # at least one position, so the head is in every rank's graph even with nothing to score
+    # (FSDP2 reduces its gradient on every rank); its value is masked out below
+    at = (flat_targets != IGNORE).nonzero().squeeze(1) if (flat_targets != IGNORE).any() else flat_targets.new_zeros(1)
+    hidden, kept_targets = hidden.flatten(0, 1)[at], flat_targets[at].clamp(min=0)
     head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     recompute = torch.is_grad_enabled()  # without gradients nothing is kept, so there is nothing to recompute
     parts = []
-    for start in range(0, len(flat_targets), chunk):
-        args = (hidden[start:start + chunk], head, softcap, flat_targets[start:start + chunk], temperature, with_entropy,
+    for start in range(0, len(kept_targets), chunk):
+        args = (hidden[start:start + chunk], head, softcap, kept_targets[start:start + chunk], temperature, with_entropy,
                 entropy_grad)
         parts.append(checkpoint(head_logps, *args, use_reentrant=False) if recompute else head_logps(*args))
     mask = (targets != IGNORE).float()  # a product, not a view, is what FSDP2 hooks the backward on
-    logps, entropies = (torch.cat(p).view_as(targets) * mask for p in zip(*parts))
+    logps, entropies = (torch.zeros(flat_targets.shape, dtype=torch.float32, device=targets.device)
+                        .index_put((at,), torch.cat(p)).view_as(targets) * mask for p in zip(*parts))
     return logps, entropies
 
 

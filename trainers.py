@@ -955,6 +955,10 @@ class PolicyGradientTrainer(Trainer):
             # 6. ppo_epochs passes over it in mini-batches of batch_size samples, an update each
             record.update(self.train_epochs(rollout, loss.ppo_epochs))
             self.kl_ctl.update(record["rollout/kl"], len(rollout))
+        record["iteration/updates"] = n_updates = loss.ppo_epochs * (len(rollout) // self.cfg.batch_size)
+        if not n_updates and distributed.is_main():  # e.g. filter_groups kept fewer than a mini-batch
+            log.warning(f"iteration {self.step + 1}: {len(rollout)} samples to train on, fewer than "
+                        f"batch_size={self.cfg.batch_size}: no update")
         timing["train"] = time.perf_counter() - t
         record.update({f"timing/{k}": v for k, v in timing.items()})
         elapsed = time.perf_counter() - start

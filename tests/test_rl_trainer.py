@@ -162,6 +162,9 @@ def test_filter_groups_trains_only_on_prompts_whose_samples_differ(tmp_path):
             assert record["rollout/score_mean"] == pytest.approx(
                 sum(1 if int(a) % 2 == 0 else 2 / 3 for a in answers) / len(answers))
             assert ("policy/loss/train" in record) == (len(odd) > 0)
+            # mini-batches of batch_size=2 from the kept samples, a partial one dropped: an iteration
+            # that keeps fewer than batch_size samples says it made no update (it used to be silent)
+            assert record["iteration/updates"] == len(odd) * 3 // 2
     assert any(0 < r.get("rollout/kept_fraction", 0) < 1 for r in runs[1][0])
     (m1, w1), (m2, w2) = runs[1], runs[2]
     ignore = ("timing/", "samples_per_s")
