@@ -159,7 +159,8 @@ def grpo(args, workdir: Path, shape: tuple[int, int, int], peak: float, bandwidt
                        "bandwidth_fraction": gen_bytes / median("timing/generate") / (bandwidth * args.nproc),
                        "tokens_per_s": samples * response / median("timing/generate")}
     sync_bytes = 4 * params
-    out["sync"] = {"seconds": median("timing/sync"), "gb_per_s": sync_bytes / median("timing/sync") / 1e9,
+    sync_s = median("timing/sync")  # 0 with HF generate: it samples from the trained weights themselves
+    out["sync"] = {"seconds": sync_s, "gb_per_s": sync_bytes / sync_s / 1e9 if sync_s else None,
                    "copy_gb_per_s": bandwidth / 1e9}
     out["logprobs"] = {"seconds": median("timing/logprobs"), "tokens_per_s": trained_tokens / median("timing/logprobs"),
                        "mfu": forward * trained_tokens / median("timing/logprobs") / peak}
@@ -222,8 +223,9 @@ def print_table(r: dict):
         g = r["grpo"]
         print(f"{'grpo generate':24}{g['generate']['seconds']:9.2f}{g['generate']['tokens_per_s']:10.0f}"
               f"{g['generate']['mfu']:10.1%}  weight reads {g['generate']['bandwidth_fraction']:.0%} of copy bandwidth")
-        print(f"{'grpo weight sync':24}{g['sync']['seconds']:9.2f}{'':>10}{'':>10}  {g['sync']['gb_per_s']:.2f} GB/s "
-              f"(copy {g['sync']['copy_gb_per_s']:.1f})")
+        if g["sync"]["gb_per_s"]:
+            print(f"{'grpo weight sync':24}{g['sync']['seconds']:9.2f}{'':>10}{'':>10}  {g['sync']['gb_per_s']:.2f} GB/s "
+                  f"(copy {g['sync']['copy_gb_per_s']:.1f})")
         for phase in ("logprobs", "train"):
             print(f"{'grpo ' + phase:24}{g[phase]['seconds']:9.2f}{g[phase]['tokens_per_s']:10.0f}{g[phase]['mfu']:10.1%}")
         print(f"{'grpo iteration':24}{g['iteration_s']:9.2f}")
