@@ -62,9 +62,10 @@ def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperatu
     (embeddings, LM head) are gathered as in ``model(...)``."""
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     flat_targets = targets.flatten()
+    scored = flat_targets != IGNORE
     # at least one position, so the head is in every rank's graph even with nothing to score
     # (FSDP2 reduces its gradient on every rank); its value is masked out below
-    at = (flat_targets != IGNORE).nonzero().squeeze(1) if (flat_targets != IGNORE).any() else flat_targets.new_zeros(1)
+    at = scored.nonzero().squeeze(1) if scored.any() else flat_targets.new_zeros(1)
     hidden, kept_targets = hidden.flatten(0, 1)[at], flat_targets[at].clamp(min=0)
     head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     recompute = torch.is_grad_enabled()  # without gradients nothing is kept, so there is nothing to recompute

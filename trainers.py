@@ -475,14 +475,19 @@ class Trainer:
     def train_epochs(self, data, epochs: int) -> dict:
         """``epochs`` passes over ``data`` (the same on every rank: a rollout, an iteration's
         examples) in mini-batches of ``batch_size``, shuffled with a seed of the step and epoch, one
-        update each (a partial mini-batch is dropped); the mean of the updates' metrics."""
+        update each (a partial mini-batch is dropped); the mean of the updates' metrics and their
+        number (``iteration/updates``), warned about when it is none."""
         updates, size = [], self.cfg.batch_size
+        if not len(data) // size and distributed.is_main():  # e.g. filter_groups kept less than a mini-batch
+            log.warning(f"iteration {self.step + 1}: {len(data)} examples to train on, fewer than "
+                        f"batch_size={size}: no update")
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 101 + epoch)
             order = torch.randperm(len(data), generator=g).tolist()
             for k in range(len(data) // size):
                 updates.append(self.update(self.micro_batches(order[k * size : (k + 1) * size], data)))
-        return {k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})}
+        means = {k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})}
+        return {**means, "iteration/updates": len(updates)}
 
     def clip_and_step(self, model, optimizer, scheduler) -> float:
         """Clip ``model``'s gradients to ``max_grad_norm``, step; returns the norm before clipping.
@@ -952,13 +957,10 @@ class PolicyGradientTrainer(Trainer):
             record.update(self.estimate(rollout))
             if loss.save_rollouts and distributed.is_main():
                 checkpointing.write_jsonl(self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl", rollout.sample_rows())
-            # 6. ppo_epochs passes over it in mini-batches of batch_size samples, an update each
-            record.update(self.train_epochs(rollout, loss.ppo_epochs))
+        # 6. ppo_epochs passes over it in mini-batches of batch_size samples, an update each
+        record.update(self.train_epochs(rollout, loss.ppo_epochs))
+        if len(rollout):
             self.kl_ctl.update(record["rollout/kl"], len(rollout))
-        record["iteration/updates"] = n_updates = loss.ppo_epochs * (len(rollout) // self.cfg.batch_size)
-        if not n_updates and distributed.is_main():  # e.g. filter_groups kept fewer than a mini-batch
-            log.warning(f"iteration {self.step + 1}: {len(rollout)} samples to train on, fewer than "
-                        f"batch_size={self.cfg.batch_size}: no update")
         timing["train"] = time.perf_counter() - t
         record.update({f"timing/{k}": v for k, v in timing.items()})
         elapsed = time.perf_counter() - start
@@ -1213,12 +1215,8 @@ def online(base):
                     checkpointing.write_jsonl(out / "train.jsonl", data)  # last: its presence means sampling is done
                 distributed.barrier()
             t = time.perf_counter()
-            n_updates = cfg.loss.epochs_per_iteration * (len(data) // cfg.batch_size)
-            if not n_updates:
-                log.warning(f"iteration {self.step + 1}: {len(data)} training examples, fewer than "
-                            f"batch_size={cfg.batch_size}: no update")
             record.update(self.train_epochs(data, cfg.loss.epochs_per_iteration))
-            record.update({"iteration/examples": len(data), "iteration/updates": n_updates,
+            record.update({"iteration/examples": len(data),
                            "timing/train": time.perf_counter() - t, "timing/iteration": time.perf_counter() - start})
             if cfg.loss.save_iteration_models:
                 self.export(out / "model")
