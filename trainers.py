@@ -55,6 +55,7 @@ import evaluation
 import logprobs
 import models
 import overrides
+import profiling
 from data import DataError, load_rows
 from data.packing import last_positions, pack, pad, per_sequence, unpack
 from data.selection import best_of_k, best_vs_worst_pairs
@@ -141,6 +142,8 @@ class Trainer:
         self.total_steps = n // self.examples_per_step()
         if self.total_steps < 1:
             raise DataError(f"{n} training examples make no step of {self.examples_per_step()}")
+        if cfg.profile_steps and cfg.profile_steps[1] > self.total_steps:
+            raise models.ConfigError(f"profile_steps={list(cfg.profile_steps)}: the run has {self.total_steps} steps")
         log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
                  f"{self.total_steps} steps of {self.examples_per_step()}, {self.world} rank(s)")
         updates = self.total_steps * self.updates_per_step()
@@ -189,6 +192,7 @@ class Trainer:
                                      f"losses do (loss=grpo, rloo, reinforce_pp, ppo)")
         if cfg.env and not cfg.max_turns >= 1:
             raise models.ConfigError(f"max_turns={cfg.max_turns}: an episode needs at least one reply")
+        profiling.check_steps(cfg.profile_steps)
         if cfg.sample_during_eval and self.row_format == "prompt":
             raise models.ConfigError(f"sample_during_eval=true: loss={cfg.loss.name} always evaluates by sampling "
                                      f"(eval/reward, with eval_sampling); drop sample_during_eval")
@@ -301,8 +305,10 @@ class Trainer:
 
     def optimizer_for(self, model, lr: float):
         cfg = self.cfg
+        # fused: one kernel over all parameters (CPU and CUDA); the default for-each path makes a
+        # pass over memory per elementwise op, 0.35 s against 0.09 s a step for 135M fp32 parameters
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay,
-                                      betas=tuple(cfg.adam_betas))
+                                      betas=tuple(cfg.adam_betas), fused=True)
         schedule = warmup_cosine(cfg.warmup_steps, self.total_steps * self.updates_per_step(), cfg.min_lr_ratio)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -407,8 +413,11 @@ class Trainer:
         if self.step == 0 and cfg.eval_at_start:
             self.evaluate()
         self.model.train()
+        profiler = profiling.StepProfiler(cfg.profile_steps, self.step, self.run_dir / "profile", self.device,
+                                          distributed.is_main())
         while self.step < self.total_steps:
             record = self.train_step()
+            profiler.step()
             record["memory/peak_gb"] = self.peak_memory_gb()
             before = self.examples_seen
             self.step += 1
@@ -427,6 +436,7 @@ class Trainer:
                     self.save(export=False)
                 stop.requeue(self.step, cfg.requeue_on_timeout, self.last_checkpoint())
                 break
+        profiler.close()
         self.metrics.close()
 
     def run_micro_batches(self, micro: list, train: bool) -> dict[str, list[float]]:

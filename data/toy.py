@@ -19,7 +19,7 @@ import random
 from data import register
 
 TRAIN_SIZE = 20_000
-TEST_SIZE = 500
+TEST_SIZE = 2000
 SEED = {"train": 1234, "test": 4321}
 
 

@@ -9,8 +9,8 @@ PY=${PY:-.venv/bin/python}
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 2"
 rm -rf "$ROOT"
 
-accuracy() {  # greedy task accuracy on the 500 held-out prompts [, prompts fixed and broken against a model]
-    $PY scripts/eval_task.py --task toy_sort --n 500 --model "$1" --label "$2" ${3:+--against "$3"}
+accuracy() {  # greedy task accuracy on the 2,000 held-out prompts [, prompts fixed and broken against a model]
+    $PY scripts/eval_task.py --task toy_sort --n 2000 --model "$1" --label "$2" ${3:+--against "$3"}
 }
 
 echo "== untrained model"
@@ -30,8 +30,8 @@ print(json.dumps({'model': 'reward-model', 'held_out_pairs': 256, 'pairwise_accu
 
 echo "== DPO (+ RPO's NLL term) on toy_sort_pref, from the SFT model"
 $TORCHRUN train.py loss=dpo loss.beta=0.1 loss.rpo_alpha=1.0 model=tiny model.archive="$ROOT/sft/LATEST" \
-    datasets=[toy_sort_pref] exp_name=demo_dpo batch_size=64 lr=3e-4 warmup_steps=10 n_examples=6400 \
-    eval_every=3200 run_dir="$ROOT/dpo"
+    datasets=[toy_sort_pref] exp_name=demo_dpo batch_size=64 lr=3e-4 warmup_steps=10 n_examples=12800 \
+    eval_every=6400 run_dir="$ROOT/dpo"
 accuracy "$ROOT/dpo/LATEST" after-dpo "$ROOT/sft/LATEST"
 
 echo "== GRPO on toy_sort_prompts, rewarded by the toy verifier, from the SFT model"

@@ -76,6 +76,30 @@ def test_run_dir_holds_config_metrics_checkpoint_and_loadable_export(tmp_path, s
         torch.testing.assert_close(exported(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
 
 
+def test_profile_steps_profiles_exactly_those_steps(tmp_path, single_process):
+    """profile_steps=[2,3] of a 6-step run: the trace holds two profiler steps, the loop's 2nd and
+    3rd (torch numbers the intervals between ``step()`` calls from 0, so they are #1 and #2), and
+    the ops table names the matrix products the model spends its time in."""
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), "profile_steps=[2,3]")
+    TRAINERS["SFTTrainer"](cfg, distributed.device()).train()
+    profile = tmp_path / "run" / "profile"
+    ops = (profile / "ops.txt").read_text()
+    assert ops.startswith("steps 2-3, rank 0") and "aten::mm" in ops
+    events = json.loads((profile / "trace.json").read_text())["traceEvents"]
+    assert sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}) == \
+        ["ProfilerStep#1", "ProfilerStep#2"]
+
+
+@pytest.mark.parametrize("steps, error", [
+    ("[3,2]", "expected \\[first, last\\]"), ("[0,1]", "expected \\[first, last\\]"), ("[2]", "expected"),
+    ("[2,7]", "the run has 6 steps"),
+])
+def test_profile_steps_outside_the_run_are_refused(tmp_path, steps, error, single_process):
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), f"profile_steps={steps}")
+    with pytest.raises(ValueError, match=error):
+        TRAINERS["SFTTrainer"](cfg, distributed.device())
+
+
 def test_existing_checkpoints_are_not_overwritten(tmp_path, single_process):
     cfg = make_cfg(*fast_overrides(tmp_path / "run"), "n_examples=8")
     TRAINERS["SFTTrainer"](cfg, distributed.device()).train()
