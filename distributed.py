@@ -129,11 +129,17 @@ def from_main(value):
     return box[0]
 
 
-def mesh():
-    """The one-dimensional device mesh of all ranks that FSDP2 shards every model over."""
+def mesh(shard_ranks: int | None = None):
+    """The device mesh FSDP2 shards every model over: all ranks (``shard_ranks`` null or the world),
+    or HSDP's two dimensions, world / ``shard_ranks`` replicas of a model sharded over
+    ``shard_ranks`` ranks each: gradients are reduce-scattered within a replica and all-reduced
+    across them. ``shard_ranks=1`` is data parallelism: every rank holds the whole model and the
+    only collective is one all-reduce of the gradients per update."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device().type, (world(),))
+    if shard_ranks in (None, world()):
+        return init_device_mesh(device().type, (world(),))
+    return init_device_mesh(device().type, (world() // shard_ranks, shard_ranks), mesh_dim_names=("replicate", "shard"))
 
 
 def rank() -> int:

@@ -255,10 +255,10 @@ class EpisodeRunner:
                 p.finish = "turns"
                 continue
             obs = self.pieces.observation(step.messages)
-            p.conversation += step.messages
             if len(p.prompt_ids) + len(p.tokens) + len(obs) + max_new_tokens > self.max_length:  # no room to reply
-                p.finish = "length"
+                p.finish = "length"  # the conversation ends at the last reply: the policy never sees this observation
                 continue
+            p.conversation += step.messages
             p.add(obs, [math.nan] * len(obs), policy=False)
 
     def _as_rollout(self, plays: list[_Play]):

@@ -182,6 +182,9 @@ class Trainer:
             raise ValueError(f"datasets={cfg.datasets}: expected a list, e.g. datasets=[{cfg.datasets}]")
         if cfg.packing not in (True, False, "auto"):
             raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
+        if cfg.fsdp_shard_ranks is not None and (cfg.fsdp_shard_ranks < 1 or self.world % cfg.fsdp_shard_ranks):
+            raise ValueError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} must divide the {self.world} ranks "
+                             f"(e.g. the GPUs of one node); null shards over all of them")
         if cfg.row_tokens < cfg.max_length:
             raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
         if cfg.lora.load_in_4bit and not cfg.lora.r:
@@ -285,7 +288,7 @@ class Trainer:
         """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks (``load_once``:
         as ``models.build_sharded``)."""
         load = load or self.load_model
-        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(), self.device, load_once=load_once,
+        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(self.cfg.fsdp_shard_ranks), self.device, load_once=load_once,
                                      param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
                                      block_name=model_cfg.block_name,
                                      activation_checkpointing=self.cfg.activation_checkpointing,

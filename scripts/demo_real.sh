@@ -10,7 +10,8 @@
 # paired z against the released model, and the first replies of each.
 #   bash scripts/demo_real.sh [run root, default runs/demo_real]
 # Every stage computes in fp32 (model.fsdp_policy_mp=float32), so machines with and without fast bf16
-# run the same arithmetic.
+# run the same arithmetic. Each rank holds the whole 135M model (fsdp_shard_ranks=1: gradients are
+# all-reduced, no per-layer all-gathers over gloo), about 10% faster here than sharding it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/demo_real}
@@ -19,7 +20,7 @@ TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 2"
 MODEL=.cache/SmolLM2-135M-Instruct
 REWARD=scripts/arithmetic.py:reward
 PROMPTS="$ROOT/prompts.jsonl"
-TRAIN="model=smollm2_135m model.fsdp_policy_mp=float32 eval_at_start=false eval_at_end=false eval_every=null wandb.enabled=false"
+TRAIN="model=smollm2_135m model.fsdp_policy_mp=float32 fsdp_shard_ranks=1 eval_at_start=false eval_at_end=false eval_every=null wandb.enabled=false"
 rm -rf "$ROOT"
 [ -f "$MODEL/config.json" ] || $PY scripts/get_real_model.py
 $PY scripts/arithmetic.py --out "$PROMPTS"

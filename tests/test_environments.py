@@ -197,6 +197,9 @@ def test_an_episode_ends_at_the_turn_limit_a_cut_reply_or_no_room_to_reply():
     rollout = tight.rollout(ScriptedSampler(tok, 2), examples, 2, SamplingParams(max_new_tokens=16))
     assert rollout.finish_reasons == ["length", "stop", "length", "stop"]
     assert rollout.mask[0, : rollout.lengths[0]].tolist() == [1] * int(rollout.lengths[0])  # the observation dropped
+    cut_short = rollout.episodes[0].conversation  # ends at the reply: the observation it never saw is not in it
+    assert [m["role"] for m in cut_short] == ["user", "assistant"]
+    assert rollout.prompts[0] == cut_short[:1]  # reward functions see the reply once, as the completion
 
 
 def test_a_failing_or_hanging_environment_fails_its_episode_and_past_the_bound_stops_the_run(tmp_path, envs,

@@ -29,16 +29,19 @@ def test_runs_are_compared_on_continuous_metrics_only():
 
 def test_two_ranks_and_accumulation_equal_one_process(tmp_path):
     runs = {
-        "1 rank, no accumulation": (1, 1, True),
-        "1 rank, 4 micro-batches": (1, 4, True),
-        "2 ranks, 2 micro-batches": (2, 2, True),
+        "1 rank, no accumulation": (1, 1, True, "null"),
+        "1 rank, 4 micro-batches": (1, 4, True, "null"),
+        "2 ranks, 2 micro-batches": (2, 2, True, "null"),
         # FSDP keeps each layer's gathered weights from forward to backward: the same numbers
-        "2 ranks, 2 micro-batches, reshard_after_forward=false": (2, 2, False),
+        "2 ranks, 2 micro-batches, reshard_after_forward=false": (2, 2, False, "null"),
+        # two replicas of the whole model (HSDP with shards of one rank): gradients all-reduced
+        "2 ranks, 2 micro-batches, fsdp_shard_ranks=1": (2, 2, True, "1"),
     }
     results = {}
-    for name, (world, accum, reshard) in runs.items():
-        run_dir = tmp_path / f"w{world}a{accum}r{reshard}"
-        overrides = [f"gradient_accumulation_steps={accum}", f"reshard_after_forward={str(reshard).lower()}"]
+    for name, (world, accum, reshard, shard_ranks) in runs.items():
+        run_dir = tmp_path / f"w{world}a{accum}r{reshard}s{shard_ranks}"
+        overrides = [f"gradient_accumulation_steps={accum}", f"reshard_after_forward={str(reshard).lower()}",
+                     f"fsdp_shard_ranks={shard_ranks}"]
         weights = run_ranks(train_run, world, tmp_path, fast_overrides(run_dir) + overrides)[0]
         results[name] = (metrics(run_dir), weights)
     (ref_metrics, ref_weights) = results["1 rank, no accumulation"]
@@ -53,6 +56,20 @@ def test_two_ranks_and_accumulation_equal_one_process(tmp_path):
         worst = max(diffs, key=lambda k: diffs[k].max())
         assert diffs[worst].max() < 1e-4, (name, worst, diffs[worst].max())
         assert sum(int((d > 1e-6).sum()) for d in diffs.values()) < 100, name
+
+
+def test_an_hsdp_run_resumes_as_an_fsdp_run_does(tmp_path):
+    """6 steps on 2 ranks, sharded over both (FSDP) or two replicas (``fsdp_shard_ranks=1``), each
+    resumed from its last checkpoint to 8 steps: the same run, the optimizer state restored alike."""
+    runs = {}
+    for shard_ranks in ("null", "1"):
+        run_dir = tmp_path / f"shard-{shard_ranks}"
+        overrides = fast_overrides(run_dir) + [f"fsdp_shard_ranks={shard_ranks}"]
+        run_ranks(train_run, 2, tmp_path, overrides)
+        run_ranks(train_run, 2, tmp_path, overrides + ["resume=true", "n_examples=64"])
+        runs[shard_ranks] = metrics(run_dir)
+    assert [r["step"] for r in runs["1"] if "loss/train" in r] == list(range(1, 9))
+    assert_same_run(runs["1"], runs["null"])
 
 
 def test_run_dir_holds_config_metrics_checkpoint_and_loadable_export(tmp_path, single_process):
