@@ -42,6 +42,7 @@ import torch
 
 import distributed
 import rewards
+from rollout import Rollout, padded
 
 
 @dataclass
@@ -76,10 +77,10 @@ class Episode:
     drift: bool | None            # the re-rendered conversation differs from the tokens; None: not checked
 
 
-def load_environment(spec: str) -> type:
-    from data.toy_env import ENVIRONMENTS
-
-    cls = ENVIRONMENTS[spec] if spec in ENVIRONMENTS else rewards.load_object(spec, "environment", ENVIRONMENTS)
+def load_environment(spec: str, known: dict[str, type]) -> type:
+    """The class ``env=spec`` names: one of ``known`` (the caller's names, e.g. data/toy_env.py's
+    ``ENVIRONMENTS``), ``module:Class`` or ``path/to/file.py:Class``."""
+    cls = known[spec] if spec in known else rewards.load_object(spec, "environment", known)
     if not isinstance(cls, type):
         raise ValueError(f"env={spec}: {cls!r} is not a class")
     return cls
@@ -180,9 +181,9 @@ class _Play:
 class EpisodeRunner:
     """Plays episodes of an environment on a sampler (see the module's docstring)."""
 
-    def __init__(self, spec: str, tokenizer, max_turns: int, max_length: int, max_prompt_length: int,
+    def __init__(self, env_cls: type, tokenizer, max_turns: int, max_length: int, max_prompt_length: int,
                  timeout_s: float):
-        self.env_cls = load_environment(spec)
+        self.env_cls = env_cls
         self.tokenizer, self.pieces = tokenizer, ChatPieces(tokenizer)
         self.max_turns, self.max_length, self.max_prompt_length = max_turns, max_length, max_prompt_length
         self.timeout_s = timeout_s
@@ -262,15 +263,13 @@ class EpisodeRunner:
             p.add(obs, [math.nan] * len(obs), policy=False)
 
     def _as_rollout(self, plays: list[_Play]):
-        from rollout import Rollout, _padded  # (rollout imports the models: data/toy_env.py imports this module)
-
         episodes = [Episode(p.conversation, None if p.error else p.reward, p.turns, p.info, p.error, self._drift(p))
                     for p in plays]
         lengths = torch.tensor([len(p.tokens) for p in plays], dtype=torch.long)
-        mask = _padded([p.mask for p in plays], torch.float32)
-        return Rollout(prompt_ids=[p.prompt_ids for p in plays], tokens=_padded([p.tokens for p in plays], torch.long),
+        mask = padded([p.mask for p in plays], torch.float32)
+        return Rollout(prompt_ids=[p.prompt_ids for p in plays], tokens=padded([p.tokens for p in plays], torch.long),
                        lengths=lengths, mask=mask,
-                       sampler_logps=_padded([p.logps for p in plays], torch.float32),
+                       sampler_logps=padded([p.logps for p in plays], torch.float32),
                        texts=[p.last_reply for p in plays], finish_reasons=[p.finish for p in plays],
                        # reward functions read the conversation up to the last reply, and that reply
                        prompts=[p.conversation[:-1] if p.turns else p.conversation for p in plays],
@@ -282,24 +281,3 @@ class EpisodeRunner:
         if p.finish not in ("stop", "turns") or p.error:
             return None
         return self.pieces.render(p.conversation) != p.prompt_ids + p.tokens + self.pieces.after_reply
-
-
-def metrics(rollout, prefix: str = "rollout") -> dict:
-    """The episodes' turns, drift, finish reasons and the environment's ``info`` values."""
-    episodes, n = rollout.episodes, max(len(rollout), 1)
-    checked = [e.drift for e in episodes if e.drift is not None]
-    record = {f"{prefix}/turns": sum(e.turns for e in episodes) / n,
-              f"{prefix}/policy_tokens": rollout.mask.sum().item() / n,
-              f"{prefix}/turn_limit_fraction": sum(r == "turns" for r in rollout.finish_reasons) / n,
-              f"{prefix}/env_error_fraction": sum(e.error is not None for e in episodes) / n}
-    if checked:  # drift is measured where an observation followed a reply; none: no mean
-        record[f"{prefix}/template_drift"] = sum(checked) / len(checked)
-    record.update({f"{prefix}/env/{k}": v for k, v in info_means(episodes).items()})
-    return record
-
-
-def info_means(episodes: list[Episode]) -> dict:
-    """Each numeric ``info`` key's mean over ``episodes``; an episode cut short has not reported
-    what it will: a missing value counts 0."""
-    keys = sorted({k for e in episodes for k, v in e.info.items() if isinstance(v, (int, float))})
-    return {k: sum(float(e.info.get(k, 0)) for e in episodes) / max(len(episodes), 1) for k in keys}

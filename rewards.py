@@ -14,11 +14,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+import distributed
+import models
+from data.packing import last_positions
+from data.tokenize import end_of_turn, prompt_ids, reply_ids
 from data.toy import REWARDS as FUNCTIONS
+from rollout import Rollout
+
+log = logging.getLogger("train")
 
 
 def load_function(spec: str) -> Callable[..., float]:
@@ -57,3 +67,107 @@ def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dic
     if not math.isfinite(value):
         return None, f"returned {value}"
     return value, None
+
+
+class Rewards:
+    """What scores a sample (``reward:`` in config.yaml): ``functions`` (rewards.py) and ``models``
+    (reward-model exports, sharded like the policy, read at the sample's last token), weighted
+    and summed. A sample a function fails on gets ``invalid_score`` and an error; more than
+    ``max_invalid_fraction`` of a rollout failing stops the run."""
+
+    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int, env: bool = False):
+        """``layout(seqs, pad_id)``: the trainer's packer; ``batch_size``: samples per forward of a
+        reward model on each rank; ``max_tokens``: the longest sequence a forward takes; ``env``:
+        the samples are episodes, and the environment's rewards (summed) count as a reward "env"."""
+        self.cfg, self.tokenizer = reward_cfg, tokenizer
+        self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
+        self.functions = {spec: load_function(spec) for spec in reward_cfg.functions}
+        names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
+        if not names:
+            raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
+        for path in reward_cfg.models:
+            if not (Path(models.resolve(path)) / "config.json").exists():
+                raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
+        weights = reward_cfg.weights
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} "
+                             f"(models first, then functions, then the environment's)")
+        self.weights = dict(zip(names, weights if weights is not None else [1.0] * len(names)))
+        self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
+
+    def add_model(self, path: str, model, tokenizer):
+        same = (tokenizer.get_vocab() == self.tokenizer.get_vocab()
+                and tokenizer.chat_template == self.tokenizer.chat_template)
+        if not same:
+            log.info(f"reward model {path}: its tokenizer differs from the policy's; samples are re-tokenized from text")
+        self.models[path] = (model, tokenizer, same)
+
+    def score(self, rollout: Rollout):
+        """Collective (reward models): ``rollout``'s ``reward_scores``, ``scores`` and ``errors``."""
+        per_model = {path: self.model_scores(*rm, rollout) for path, rm in self.models.items()}
+        scores, rollout.reward_scores, rollout.errors = [], [], []
+        for i in range(len(rollout)):
+            by_name, error = {path: values[i] for path, values in per_model.items()}, None
+            if rollout.episodes is not None:
+                by_name["env"], error = rollout.episodes[i].reward, rollout.episodes[i].error
+            for name, fn in self.functions.items():
+                by_name[name], failed = call(fn, rollout.prompts[i], rollout.texts[i], rollout.rows[i])
+                if failed is not None and error is None:
+                    error = f"reward function {name} {failed} (completion {rollout.texts[i]!r:.80})"
+            valid = all(v is not None and math.isfinite(v) for v in by_name.values())
+            if not valid and error is None:
+                error = f"a reward model gave a non-finite score ({by_name})"
+            scores.append(sum(self.weights[k] * v for k, v in by_name.items()) if valid else self.cfg.invalid_score)
+            rollout.reward_scores.append(by_name)
+            rollout.errors.append(error)
+        rollout.scores = torch.tensor(scores, dtype=torch.float32)
+
+    @torch.no_grad()
+    def model_scores(self, model, tokenizer, same: bool, rollout: Rollout) -> list[float]:
+        """A reward model's score of each sample, read at its last token, the end-of-turn token the
+        model was trained to score at. A model with another tokenizer reads the text re-tokenized as
+        its training pairs were (``data.tokenize.reply_ids``: its own template's rendering)."""
+        eot = None if same else end_of_turn(tokenizer)
+
+        def sequences(i: int) -> dict:
+            if same:
+                ids = rollout.prompt_ids[i] + rollout.response(i)
+                ids += [] if ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+            else:
+                ids = prompt_ids(tokenizer, rollout.prompts[i])
+                ids += reply_ids(tokenizer, rollout.prompts[i], ids, rollout.texts[i], eot, f"sample {i}")
+            ids = ids[-self.max_tokens :]  # a re-tokenized sample can be longer; keep its end
+            return {"input_ids": ids, "labels": ids}
+
+        def forward(chunk: list[int]) -> list[float]:
+            batch = self.layout([sequences(i) for i in chunk], tokenizer.pad_token_id)
+            values, _ = model(batch["input_ids"], batch["position_ids"])
+            return values.float().flatten()[last_positions(batch["seq_ids"], len(chunk))].tolist()
+
+        return distributed.lockstep(forward, list(range(len(rollout))), self.batch_size, stand_in=0, frozen=(model,))
+
+    def check(self, rollout: Rollout, step: int):
+        """Stop the run if too many of the (gathered) rollout's samples have no valid score."""
+        errors = [e for e in rollout.errors if e is not None]
+        if len(errors) > self.cfg.max_invalid_fraction * len(rollout):
+            raise RuntimeError(f"step {step}: {len(errors)} of {len(rollout)} samples have no valid score "
+                               f"(reward.max_invalid_fraction={self.cfg.max_invalid_fraction}); first: {errors[0]}")
+        if errors:
+            log.warning(f"step {step}: {len(errors)} of {len(rollout)} samples scored "
+                        f"reward.invalid_score={self.cfg.invalid_score}; first: {errors[0]}")
+
+    def metrics(self, rollout: Rollout) -> dict:
+        n = len(rollout)
+        record = {"rollout/score_mean": rollout.scores.mean().item(),
+                  "rollout/score_std": rollout.scores.std(unbiased=False).item(),
+                  "rollout/response_length": rollout.lengths.sum().item() / n,
+                  "rollout/truncated_fraction": sum(r == "length" for r in rollout.finish_reasons) / n,
+                  "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / n,
+                  "rollout/invalid_fraction": sum(e is not None for e in rollout.errors) / n}
+        for name in self.weights:
+            valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
+            if valid:  # no valid score: no mean (the invalid ones are counted in rollout/invalid_fraction)
+                record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / len(valid)
+        if rollout.episodes is not None:
+            record.update(rollout.episode_metrics())
+        return record

@@ -59,6 +59,7 @@ import profiling
 from data import DataError, load_rows
 from data.packing import last_positions, pack, pad, per_sequence, unpack
 from data.selection import best_of_k, best_vs_worst_pairs
+from data.toy_env import ENVIRONMENTS
 from data.tokenize import IGNORE, TOKENIZERS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
@@ -68,7 +69,8 @@ from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, ag
                        token_rewards, truncated_is_weight, value_loss)
 from metrics_log import MetricsLog
 from preemption import StopSignals
-from rollout import TOKEN_FIELDS, Rewards, Rollout
+from rewards import Rewards
+from rollout import TOKEN_FIELDS, Rollout
 from sampler import SamplingParams, build_sampler
 
 log = logging.getLogger("train")
@@ -129,7 +131,8 @@ class Trainer:
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.rewards, self.env = None, None
         if cfg.env:  # an environment and reward functions load now: a bad name costs no model build
-            self.env = environments.EpisodeRunner(cfg.env, self.tokenizer, cfg.max_turns, cfg.max_length,
+            env_cls = environments.load_environment(cfg.env, ENVIRONMENTS)
+            self.env = environments.EpisodeRunner(env_cls, self.tokenizer, cfg.max_turns, cfg.max_length,
                                                   cfg.max_prompt_length, cfg.env_timeout_s)
         if self.row_format == "prompt":
             self.rewards = Rewards(cfg.reward, self.tokenizer, self.layout, self.forward_size(), cfg.row_tokens,
@@ -573,7 +576,7 @@ class Trainer:
         self.rewards.check(rollout, self.step)  # a reward function that fails on most samples stops the run here too
         record = {"eval/reward": rollout.scores.mean().item()}
         if rollout.episodes is not None:  # the environment says whether an episode solved the task
-            record.update(environments.metrics(rollout, "eval"))
+            record.update(rollout.episode_metrics("eval"))
             accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)
         else:
             accuracy = evaluation.verified_fraction(self.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)

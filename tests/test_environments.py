@@ -14,13 +14,15 @@ import time
 
 import pytest
 import torch
+from torch.multiprocessing import ProcessRaisedException
 
 import checkpointing
 import distributed
 from conftest import REPO, make_cfg, run_ranks
 from data import load_rows
 from data.tokenize import IGNORE, tokenize_prompts
-from environments import ChatPieces, EpisodeRunner, call_all
+from data.toy_env import ENVIRONMENTS, Calculator
+from environments import ChatPieces, EpisodeRunner, call_all, load_environment
 from helpers import assert_same_run, metrics, rl_overrides
 from sampler import Sample, SamplingParams
 from test_rl_trainer import rl_run
@@ -110,7 +112,7 @@ def calc_examples(tok, n_rows: int) -> list[dict]:
 def test_episode_tokens_are_the_sampler_replies_then_the_template_observations():
     tok = tokenizer()
     examples = calc_examples(tok, 3)
-    runner = EpisodeRunner("calculator", tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
+    runner = EpisodeRunner(Calculator, tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
     sampler = ScriptedSampler(tok, 2)
     rollout = runner.rollout(sampler, examples, 2, SamplingParams(max_new_tokens=16, seed=0))
     assert sampler.calls == [6, 3]  # turn 1: all six episodes; turn 2: the three that called the tool
@@ -158,7 +160,7 @@ def test_observations_follow_what_the_template_puts_after_a_reply_and_drift_is_r
     assert pieces.observation([{"role": "user", "content": "hi"}]) == (
         newline + tok("<|user|>hi", add_special_tokens=False)["input_ids"] + [end] + newline + [assistant])
     examples = calc_examples(tok, 2)
-    runner = EpisodeRunner("calculator", tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
+    runner = EpisodeRunner(Calculator, tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
     rollout = runner.rollout(ScriptedSampler(tok, 2), examples, 2, SamplingParams(max_new_tokens=16))
     assert [e.drift for e in rollout.episodes] == [False] * 4
     # the re-render ends with the newline after the last reply, which the episode (ending at EOS) lacks
@@ -179,7 +181,7 @@ def test_observations_follow_what_the_template_puts_after_a_reply_and_drift_is_r
 def test_an_episode_ends_at_the_turn_limit_a_cut_reply_or_no_room_to_reply():
     tok = tokenizer()
     examples = calc_examples(tok, 2)
-    one_turn = EpisodeRunner("calculator", tok, max_turns=1, max_length=128, max_prompt_length=32, timeout_s=10)
+    one_turn = EpisodeRunner(Calculator, tok, max_turns=1, max_length=128, max_prompt_length=32, timeout_s=10)
     rollout = one_turn.rollout(ScriptedSampler(tok, 2), examples, 2, SamplingParams(max_new_tokens=16))
     assert rollout.finish_reasons == ["turns", "stop", "turns", "stop"]
     assert [e.reward for e in rollout.episodes] == [0.0] * 4  # the tool's output came, no answer did
@@ -188,12 +190,12 @@ def test_an_episode_ends_at_the_turn_limit_a_cut_reply_or_no_room_to_reply():
         def generate(self, prompts, params):
             return [[Sample(s.token_ids[:3], s.text[:3], s.logprobs[:3], "length")] for (s,) in super().generate(prompts, params)]
 
-    runner = EpisodeRunner("calculator", tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
+    runner = EpisodeRunner(Calculator, tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=10)
     rollout = runner.rollout(Cut(tok, 2), examples, 2, SamplingParams(max_new_tokens=3))
     assert rollout.finish_reasons == ["length"] * 4 and rollout.lengths.tolist() == [3, 2, 3, 2]  # ("7", EOS)
     assert all(e.info == {} and len(e.conversation) == 2 for e in rollout.episodes)  # the tool never saw them
     # room for the prompt (10 tokens), a call (11) and the tool's output (12), but not for 16 more
-    tight = EpisodeRunner("calculator", tok, max_turns=4, max_length=48, max_prompt_length=32, timeout_s=10)
+    tight = EpisodeRunner(Calculator, tok, max_turns=4, max_length=48, max_prompt_length=32, timeout_s=10)
     rollout = tight.rollout(ScriptedSampler(tok, 2), examples, 2, SamplingParams(max_new_tokens=16))
     assert rollout.finish_reasons == ["length", "stop", "length", "stop"]
     assert rollout.mask[0, : rollout.lengths[0]].tolist() == [1] * int(rollout.lengths[0])  # the observation dropped
@@ -206,7 +208,8 @@ def test_a_failing_or_hanging_environment_fails_its_episode_and_past_the_bound_s
                                                                                                single_process):
     tok = tokenizer()
     examples = calc_examples(tok, 12)
-    runner = EpisodeRunner(f"{envs}:Flaky", tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=0.5)
+    flaky = load_environment(f"{envs}:Flaky", ENVIRONMENTS)
+    runner = EpisodeRunner(flaky, tok, max_turns=4, max_length=128, max_prompt_length=32, timeout_s=0.5)
     start = time.monotonic()
     rollout = runner.rollout(ScriptedSampler(tok, 1), examples, 1, SamplingParams(max_new_tokens=16))
     assert time.monotonic() - start < 10  # the hanging steps were waited for 0.5 s, together
@@ -308,7 +311,7 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_run(tmp_path, envs, s
     base = ["n_examples=12", "save_every=4"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     ref, _ = run_ranks(real_run, 1, tmp_path, echo_overrides(whole, envs, stopper, *base))[0]
-    with pytest.raises(Exception):
+    with pytest.raises(ProcessRaisedException, match="Crash: killed at iteration 3"):
         run_ranks(real_run, 1, tmp_path, echo_overrides(broken, envs, stopper, *base), 2)
     assert [p.name for p in checkpointing.complete(broken)] == ["step-1", "step-2"]
     got, _ = run_ranks(real_run, 1, tmp_path, echo_overrides(broken, envs, stopper, *base, "resume=true"))[0]
@@ -340,4 +343,4 @@ def test_env_is_refused_where_it_cannot_run(tmp_path):
             TRAINERS[make_cfg(f"loss={loss}").loss.trainer](make_cfg(f"loss={loss}", "env=calculator",
                                                                      f"run_dir={tmp_path}"), torch.device("cpu"))
     with pytest.raises(ValueError, match="environment 'nope': not one of"):
-        EpisodeRunner("nope", tokenizer(), 4, 128, 32, 1.0)
+        load_environment("nope", ENVIRONMENTS)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.multiprocessing import ProcessRaisedException
 
 import checkpointing
 import distributed
@@ -77,7 +78,7 @@ def test_iteration_killed_in_training_resumes_on_its_data(tmp_path, loss):
     whole = tmp_path / "whole"
     ref = run_ranks(online_run, 1, tmp_path, online_overrides(whole, loss))[0]
     broken = tmp_path / "broken"
-    with pytest.raises(Exception):
+    with pytest.raises(ProcessRaisedException, match="Crash: killed while training iteration 2"):
         run_ranks(online_run, 1, tmp_path, online_overrides(broken, loss), 2)
     assert [p.name for p in checkpointing.complete(broken)] == ["step-1"]
     written = (broken / "iterations" / "2" / "samples.jsonl").read_text()

@@ -91,3 +91,35 @@ def test_every_module_imports_from_a_non_editable_install(tmp_path):
     wrong = {name: file for name, file in found.items()
              if file is None or file.startswith("error:") or not Path(file).resolve().is_relative_to(site)}
     assert not wrong, f"not imported from the installed wheel ({site}): {wrong}"
+
+
+def test_no_module_imports_itself_through_others():
+    """The program's import graph has no cycle, counting imports inside functions too: a circle held
+    open by a lazy import breaks as soon as someone moves the import up. A package's own
+    ``__init__`` importing its submodules (data's loader registry) is not an edge."""
+    paths = [*REPO.glob("*.py"), *REPO.glob("data/*.py"), *REPO.glob("losses/*.py")]
+    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    graph = {}
+    for name, path in names.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[name] |= {m for m in found if m in names and m != name and not m.startswith(name + ".")}
+
+    def circle_from(start, path):
+        for nxt in sorted(graph[path[-1]]):
+            if nxt == start:
+                return path + [start]
+            if nxt not in path:
+                found = circle_from(start, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    circles = [" -> ".join(c) for c in (circle_from(m, [m]) for m in sorted(graph)) if c]
+    assert not circles, circles

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.multiprocessing import ProcessRaisedException
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import checkpointing
@@ -104,7 +105,7 @@ def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
     whole = tmp_path / "whole"
     ref = run_ranks(rl_run, 1, tmp_path, rl_overrides(whole, "ppo", *base), None, False)[0]
     broken = tmp_path / "broken"
-    with pytest.raises(Exception):
+    with pytest.raises(ProcessRaisedException, match="Crash: killed at iteration 3"):
         run_ranks(rl_run, 1, tmp_path, rl_overrides(broken, "ppo", *base), 2, False)
     assert [p.name for p in checkpointing.complete(broken)] == ["step-1", "step-2"]
     got = run_ranks(rl_run, 1, tmp_path, rl_overrides(broken, "ppo", *base, "resume=true"), None, False)[0]
