@@ -124,3 +124,55 @@ def real_model() -> Path:
     import get_real_model
 
     return get_real_model.ensure()
+
+
+# environments a test names as env=<path>:Echo (test_environments, test_run_dir)
+ENVS = '''
+import time
+from environments import Environment, Step
+
+class Echo(Environment):
+    """Answers every reply with "again", three times; rewards the replies' length."""
+    def reset(self, prompt, **row):
+        self.n, self.total = 0, 0
+    def step(self, reply):
+        self.n += 1
+        self.total += len(reply)
+        if self.n == 3:
+            return Step(reward=self.total / 10, done=True, info={"solved": float(self.total > 5)})
+        return Step(messages=[{"role": "user", "content": "again"}], info={"replies": self.n})
+
+class Flaky(Environment):
+    """Raises on the second turn of an odd answer's episode; hangs on a multiple of 4's."""
+    def reset(self, prompt, **row):
+        self.answer, self.n = int(row["answer"]), 0
+    def step(self, reply):
+        self.n += 1
+        if self.n == 2 and self.answer % 2:
+            raise ValueError("odd")
+        if self.n == 2 and self.answer % 4 == 0:
+            time.sleep(30)
+        return Step(messages=[{"role": "user", "content": "go on"}]) if self.n < 3 else Step(reward=1.0, done=True)
+
+class Broken(Environment):
+    def step(self, reply):
+        return {"reward": 1.0}
+'''
+
+
+
+@pytest.fixture(scope="module")
+def envs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("envs") / "test_envs.py"
+    path.write_text(ENVS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stopper(tmp_path_factory):
+    """The tiny model after a few SFT steps: its replies end with EOS, so episodes last turns."""
+    from helpers import tiny_checkpoint, trained_tiny  # (helpers imports this module)
+
+    path = tiny_checkpoint(tmp_path_factory.mktemp("stopper"))
+    trained_tiny().save_pretrained(path)
+    return path

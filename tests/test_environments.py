@@ -23,50 +23,12 @@ from data import load_rows
 from data.tokenize import IGNORE, tokenize_prompts
 from data.toy_env import ENVIRONMENTS, Calculator
 from environments import ChatPieces, EpisodeRunner, call_all, load_environment
-from helpers import assert_same_run, metrics, rl_overrides
+from helpers import assert_same_run, metrics, rl_overrides, rl_run, vllm_or_skip, vllm_subprocess
 from sampler import Sample, SamplingParams
-from test_rl_trainer import rl_run
-from test_sampler import tiny_checkpoint, trained_tiny, tokenizer, vllm_or_skip, vllm_subprocess
+from sampler_ranks import tokenizer
 from trainers import TRAINERS
 
-ENVS = '''
-import time
-from environments import Environment, Step
 
-class Echo(Environment):
-    """Answers every reply with "again", three times; rewards the replies' length."""
-    def reset(self, prompt, **row):
-        self.n, self.total = 0, 0
-    def step(self, reply):
-        self.n += 1
-        self.total += len(reply)
-        if self.n == 3:
-            return Step(reward=self.total / 10, done=True, info={"solved": float(self.total > 5)})
-        return Step(messages=[{"role": "user", "content": "again"}], info={"replies": self.n})
-
-class Flaky(Environment):
-    """Raises on the second turn of an odd answer's episode; hangs on a multiple of 4's."""
-    def reset(self, prompt, **row):
-        self.answer, self.n = int(row["answer"]), 0
-    def step(self, reply):
-        self.n += 1
-        if self.n == 2 and self.answer % 2:
-            raise ValueError("odd")
-        if self.n == 2 and self.answer % 4 == 0:
-            time.sleep(30)
-        return Step(messages=[{"role": "user", "content": "go on"}]) if self.n < 3 else Step(reward=1.0, done=True)
-
-class Broken(Environment):
-    def step(self, reply):
-        return {"reward": 1.0}
-'''
-
-
-@pytest.fixture(scope="module")
-def envs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("envs") / "test_envs.py"
-    path.write_text(ENVS)
-    return path
 
 
 def reply_ids(tok, text: str) -> list[int]:
@@ -277,14 +239,6 @@ def test_episodes_of_a_fixed_environment_train_the_same_on_two_ranks_as_on_one(t
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
     for k in c1 or {}:
         torch.testing.assert_close(c2[k], c1[k], rtol=1e-4, atol=1e-4, msg=k)
-
-
-@pytest.fixture(scope="module")
-def stopper(tmp_path_factory):
-    """The tiny model after a few SFT steps: its replies end with EOS, so episodes last turns."""
-    path = tiny_checkpoint(tmp_path_factory.mktemp("stopper"))
-    trained_tiny().save_pretrained(path)
-    return path
 
 
 # an RL run in ranks (its weights, and critic, from rank 0): HF sampling, no scripted policy

@@ -26,6 +26,7 @@ import models
 from conftest import REPO, run_ranks
 from data import DataError, load_rows
 from data.tokenize import prompt_ids
+from helpers import tiny_checkpoint
 from sampler import HFSampler
 
 TINY = REPO / "config" / "model" / "tiny.yaml"
@@ -70,11 +71,7 @@ def judge_model():
 
 def judge_dir(path: Path) -> Path:
     """The judge as an HF checkpoint directory, as a real judge would be given."""
-    model = judge_model()
-    model.config.use_cache = True
-    model.save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    return path
+    return tiny_checkpoint(path, judge_model())
 
 
 ROWS = [  # five rows: two ranks get 3 and 2 of them

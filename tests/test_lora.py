@@ -8,7 +8,8 @@ import torch
 import models
 from data.packing import pack
 from conftest import REPO, fast_overrides, make_cfg, run_ranks
-from helpers import LENGTH_REWARD, assert_same_run, metrics, online_overrides, rl_overrides, train_run
+from helpers import (LENGTH_REWARD, assert_same_run, metrics, online_overrides, rl_overrides, train_run, vllm_or_skip,
+                     vllm_subprocess)
 
 LORA = ["lora.r=8", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 PREF = ["datasets=[toy_add_pref]", "loss=dpo"]
@@ -150,8 +151,6 @@ def test_grpo_with_qlora_on_vllm_samples_the_merged_policy(tmp_path):
     """After each update the engine gets W + (alpha/r) B A, W the NF4 base dequantized: its
     log-probs of what it sampled are the trainer's (a QLoRA policy's, recomputed) at every
     iteration, as without LoRA. (Plain LoRA merges the same way, W as loaded.)"""
-    from test_sampler import vllm_or_skip, vllm_subprocess
-
     vllm_or_skip()
     run = tmp_path / "run"
     overrides = [o for o in rl_overrides(run, "grpo", *LORA, "lora.load_in_4bit=true", "lr=3e-2", "n_examples=16")

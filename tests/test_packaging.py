@@ -123,3 +123,17 @@ def test_no_module_imports_itself_through_others():
 
     circles = [" -> ".join(c) for c in (circle_from(m, [m]) for m in sorted(graph)) if c]
     assert not circles, circles
+
+
+def test_no_test_module_imports_another():
+    """What several test modules share lives in conftest.py, helpers.py and sampler_ranks.py: a test
+    module that imports another runs that module's import-time code and hides what it depends on."""
+    tests = sorted((REPO / "tests").glob("test_*.py"))
+    names = {p.stem for p in tests}
+    found = []
+    for path in tests:
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            found += [f"{path.name} imports {m}" for m in imported if m in names]
+    assert not found, found

@@ -17,61 +17,10 @@ import models
 from conftest import make_cfg, run_ranks
 from data.tokenize import prompt_ids, response_ids
 from data.toy import add_answer
-from helpers import assert_same_run, metrics, rl_overrides
+from helpers import assert_same_run, metrics, rl_overrides, rl_run, with_fixed_completions
 from rollout import Rollout
 from sampler import Sample, SamplingParams
 from trainers import TRAINERS, GRPOTrainer
-
-
-class FixedCompletions:
-    """Samples that depend on the prompt alone, whatever the rank: the right answer, then a wrong
-    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty. Mixed
-    into the trainer class that ``loss.trainer`` names (``with_fixed_completions``)."""
-
-    def complete(self, examples, params):
-        outs = []
-        for ex in examples:
-            answer, group = ex["row"]["answer"], []
-            for k in range(params.n):
-                text = answer if k % 2 == 0 else str(int(answer) + 1 + k)
-                ids = response_ids(self.tokenizer, text)
-                if k == params.n - 1 and answer == self.first_answer:
-                    text, ids = "", []
-                group.append(Sample(ids, text, [-0.5 - 0.1 * j for j in range(len(ids))], "stop"))
-            outs.append(group)
-        return outs
-
-    @property
-    def first_answer(self):
-        return self.train_examples[self.global_batch(0)[0]]["row"]["answer"]
-
-
-def with_fixed_completions(cfg):
-    """The trainer of ``cfg``, with ``FixedCompletions`` instead of its sampler's."""
-    cls = TRAINERS[cfg.loss.trainer]
-    return type(f"Fixed{cls.__name__}", (FixedCompletions, cls), {})(cfg, distributed.device())
-
-
-class Crash(Exception):
-    pass
-
-
-def rl_run(rank, world, overrides, crash_at=None, fixed=True):
-    cfg = make_cfg(*overrides)
-    trainer = with_fixed_completions(cfg) if fixed else TRAINERS[cfg.loss.trainer](cfg, distributed.device())
-    if crash_at is not None:
-        step = trainer.train_step
-
-        def crashing():
-            if trainer.step == crash_at:
-                raise Crash(f"killed at iteration {crash_at + 1}")
-            return step()
-
-        trainer.train_step = crashing
-    trainer.train()
-    weights = checkpointing.full_state_dict(trainer.model)
-    critic = checkpointing.full_state_dict(trainer.critic) if trainer.critic is not None else None
-    return (weights, critic) if rank == 0 else None
 
 
 def test_fixed_rollout_two_ranks_equal_one(tmp_path):

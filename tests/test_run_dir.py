@@ -21,7 +21,6 @@ import pytest
 import checkpointing
 from conftest import REPO
 from kill_points import choose, killed, outcome, run, small_datasets
-from test_environments import envs, stopper  # noqa: F401  (fixtures, for the episodes' run)
 
 SFT = ["batch_size=8", "eval_batch_size=8", "n_examples=48", "n_eval_examples=8", "lr=1e-3", "warmup_steps=1",
        "eval_every=24", "max_length=64", "max_prompt_length=32", "save_every=16", "keep_checkpoints=2"]

