@@ -442,11 +442,13 @@ MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start",
                         "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
                         "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
                         "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check",
-                        "reshard_after_forward")
+                        "reshard_after_forward", "profile_steps")
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:
-    """``key=<saved> (now <now>)`` for every key outside ``MAY_CHANGE_ON_RESUME`` whose value differs."""
+    """``key=<saved> (now <now>)`` for every key outside ``MAY_CHANGE_ON_RESUME`` whose value differs.
+    A key the saved config lacks and that is null now is no difference: a key added to config.yaml
+    since the checkpoint, whose null default is what the run did before it existed."""
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -460,7 +462,7 @@ def config_differences(saved: dict, now: dict) -> list[str]:
     a, b = flat(saved), flat(now)
     unset = "(unset)"
     return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
-            if not may_change(k) and a.get(k, unset) != b.get(k, unset)]
+            if not may_change(k) and a.get(k, unset) != b.get(k, unset) and not (k not in a and b[k] is None)]
 
 def to_resume(run_dir: Path, cfg) -> Path | None:
     """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and the

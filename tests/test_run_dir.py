@@ -188,6 +188,20 @@ def test_resume_refuses_starting_weights_that_changed_since(tmp_path, data):
     assert f"{run_dir / 'step-3'} was trained from other starting weights than those at {base} now" in line
 
 
+def test_resume_takes_a_key_added_since_the_checkpoint_at_its_null_default():
+    """A checkpoint written before ``fsdp_shard_ranks`` existed resumes with it unset (null: the
+    sharding the run had), but not with it set, nor with another key's value gone or changed."""
+    saved = {"lr": 1e-3, "model": {"name": "tiny"}}
+    assert checkpointing.config_differences(saved, {**saved, "fsdp_shard_ranks": None}) == []
+    assert checkpointing.config_differences(saved, {**saved, "fsdp_shard_ranks": 1}) == [
+        "fsdp_shard_ranks=(unset) (now 1)"]
+    assert checkpointing.config_differences({**saved, "fsdp_shard_ranks": 1}, saved) == [
+        "fsdp_shard_ranks=1 (now (unset))"]
+    assert checkpointing.config_differences(saved, {"lr": 1e-3, "model": {"name": None}}) == [
+        "model.name=tiny (now None)"]
+    assert checkpointing.config_differences(saved, {**saved, "profile_steps": [2, 3]}) == []  # may change
+
+
 HOLD = """import sys, time
 sys.path.insert(0, {repo!r})
 import checkpointing
