@@ -52,7 +52,8 @@ def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int,
 
     limits = SimpleNamespace(max_length=max_length, max_prompt_length=max_length - max_new_tokens)
     examples, _ = tokenize_prompts(rows, tokenizer, limits, env)
-    runner = EpisodeRunner(load_environment(env, ENVIRONMENTS), tokenizer, max_turns, max_length, limits.max_prompt_length, timeout_s=30.0)
+    runner = EpisodeRunner(load_environment(env, ENVIRONMENTS), tokenizer, max_turns, max_length,
+                           limits.max_prompt_length, timeout_s=30.0)
     rollout = runner.rollout(HFSampler(model, tokenizer), examples, 1,
                              SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     solved = [float(bool(e.info.get("solved"))) for e in rollout.episodes]

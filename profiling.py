@@ -9,6 +9,7 @@ spent waiting in it. Steps are the loop's (``step`` in the logs, counted from 1)
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ def check_steps(steps) -> tuple[int, int] | None:
     """``profile_steps`` as (first, last), or None; a ValueError says what is wrong with it."""
     if steps is None:
         return None
-    if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 1 <= steps[0] <= steps[1]:
-        raise ValueError(f"profile_steps={list(steps)}: expected [first, last], steps counted from 1 with "
+    if (not isinstance(steps, Sequence) or len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+            or not 1 <= steps[0] <= steps[1]):
+        raise ValueError(f"profile_steps={steps}: expected [first, last], steps counted from 1 with "
                          f"first <= last (e.g. profile_steps=[2,3]), or null")
     return steps[0], steps[1]
 

@@ -146,7 +146,8 @@ class Trainer:
         if self.total_steps < 1:
             raise DataError(f"{n} training examples make no step of {self.examples_per_step()}")
         if cfg.profile_steps and cfg.profile_steps[1] > self.total_steps:
-            raise models.ConfigError(f"profile_steps={list(cfg.profile_steps)}: the run has {self.total_steps} steps")
+            raise models.ConfigError(f"profile_steps={list(cfg.profile_steps)}: the run has {self.total_steps} steps; "
+                                     f"choose steps between 1 and {self.total_steps}")
         log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
                  f"{self.total_steps} steps of {self.examples_per_step()}, {self.world} rank(s)")
         updates = self.total_steps * self.updates_per_step()
@@ -185,7 +186,8 @@ class Trainer:
             raise ValueError(f"datasets={cfg.datasets}: expected a list, e.g. datasets=[{cfg.datasets}]")
         if cfg.packing not in (True, False, "auto"):
             raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
-        if cfg.fsdp_shard_ranks is not None and (cfg.fsdp_shard_ranks < 1 or self.world % cfg.fsdp_shard_ranks):
+        shard_ranks = cfg.fsdp_shard_ranks
+        if shard_ranks is not None and (not isinstance(shard_ranks, int) or shard_ranks < 1 or self.world % shard_ranks):
             raise ValueError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} must divide the {self.world} ranks "
                              f"(e.g. the GPUs of one node); null shards over all of them")
         if cfg.row_tokens < cfg.max_length:
@@ -291,7 +293,8 @@ class Trainer:
         """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks (``load_once``:
         as ``models.build_sharded``)."""
         load = load or self.load_model
-        model = models.build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(self.cfg.fsdp_shard_ranks), self.device, load_once=load_once,
+        mesh = distributed.mesh(self.cfg.fsdp_shard_ranks)
+        model = models.build_sharded(lambda meta: load(model_cfg, meta), mesh, self.device, load_once=load_once,
                                      param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
                                      block_name=model_cfg.block_name,
                                      activation_checkpointing=self.cfg.activation_checkpointing,

@@ -29,8 +29,6 @@ from sampler_ranks import tokenizer
 from trainers import TRAINERS
 
 
-
-
 def reply_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 

@@ -109,11 +109,18 @@ def test_profile_steps_profiles_exactly_those_steps(tmp_path, single_process):
 
 @pytest.mark.parametrize("steps, error", [
     ("[3,2]", "expected \\[first, last\\]"), ("[0,1]", "expected \\[first, last\\]"), ("[2]", "expected"),
-    ("[2,7]", "the run has 6 steps"),
+    ("[2,7]", "the run has 6 steps; choose steps between 1 and 6"), ("3", "expected \\[first, last\\]"),
 ])
 def test_profile_steps_outside_the_run_are_refused(tmp_path, steps, error, single_process):
     cfg = make_cfg(*fast_overrides(tmp_path / "run"), f"profile_steps={steps}")
     with pytest.raises(ValueError, match=error):
+        TRAINERS["SFTTrainer"](cfg, distributed.device())
+
+
+@pytest.mark.parametrize("shard_ranks", ["2", "0", "one"])
+def test_fsdp_shard_ranks_that_do_not_divide_the_ranks_are_refused(tmp_path, shard_ranks, single_process):
+    cfg = make_cfg(*fast_overrides(tmp_path / "run"), f"fsdp_shard_ranks={shard_ranks}")
+    with pytest.raises(ValueError, match=f"fsdp_shard_ranks={shard_ranks} must divide the 1 ranks"):
         TRAINERS["SFTTrainer"](cfg, distributed.device())
 
 
