@@ -22,6 +22,7 @@ import contextlib
 import copy
 import fcntl
 import json
+import math
 import logging
 import os
 import random
@@ -305,12 +306,12 @@ def load(path: str | Path, model, optimizer, extra: dict | None = None) -> dict:
 
 def full_state_dict(model) -> dict:
     """Collective: the unsharded weights, on CPU, on rank 0 (empty elsewhere). A QLoRA model's
-    NF4 weights come dequantized, gathered one at a time by ``distributed.full_tensor``."""
+    NF4 weights come dequantized, gathered one at a time by ``models.full_tensor``."""
     if not any(models.is_nf4(getattr(p, "_local_tensor", p)) for p in model.parameters()):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights = {}
     for name, value in model.state_dict().items():
-        whole = distributed.full_tensor(value)
+        whole = models.full_tensor(value)
         if distributed.is_main():
             weights[name] = whole.cpu()
     return weights
@@ -490,3 +491,56 @@ def to_resume(run_dir: Path, cfg) -> Path | None:
             f"or start a new run_dir (model.archive={run_dir / 'LATEST'} starts it from these weights). Keys that may "
             f"change on resume: {', '.join(MAY_CHANGE_ON_RESUME)}")
     return path
+
+
+# --- a trainer's checkpoints --------------------------------------------------------------------
+
+def save_run(trainer, export: bool):
+    """Collective: a checkpoint of ``trainer`` at its step (the policy, its optimizer, the models
+    of ``extra_models`` and ``trainer_state``), and with ``export`` the HF directory ``LATEST``."""
+    path = save(trainer.run_dir, trainer.step, trainer.model, trainer.optimizer, trainer.trainer_state(),
+                keep=trainer.cfg.keep_checkpoints, extra=trainer.extra_models())
+    log.info(f"saved {path}")
+    if export:
+        trainer.export(trainer.run_dir / "LATEST", step=trainer.step)
+
+
+def last_checkpoint(run_dir: str | Path) -> str:
+    """The newest complete checkpoint, for a message ("none" if there is none)."""
+    found = complete(run_dir)
+    return str(found[-1]) if found else "none"
+
+
+def resume_run(trainer):
+    """Collective: ``trainer`` as its newest complete checkpoint left it (``trainer.resume_from``),
+    its metrics log cut back to that step; then what the killed run may have left undone after
+    writing it: ``LATEST`` (at the last step the whole remaining run), and deleting the
+    checkpoints it replaces."""
+    path, run_dir = trainer.resume_from, trainer.run_dir
+    if path is None:
+        log.info(f"resume=true but {run_dir} has no complete checkpoint: starting fresh")
+        return
+    state = load(path, trainer.model, trainer.optimizer, extra=trainer.extra_models())
+    check_base(state.get("base_fingerprint"), trainer.base_fingerprint, trainer.cfg, path)
+    trainer.restore_state(state)
+    trainer.metrics.truncate(state["metric_lines"], path)  # what the killed run logged after it goes
+    step = trainer.step
+    log.info(f"resumed from {path} at step {step}")
+    latest = run_dir / "LATEST"
+    if distributed.from_main(exported_step(latest)) != step:
+        trainer.export(latest, step=step)
+        log.info(f"exported {latest} (step {step})")
+    if distributed.is_main() and trainer.cfg.keep_checkpoints:
+        prune(run_dir, trainer.cfg.keep_checkpoints)
+
+
+def check_base(saved: list[float] | None, now: list[float], cfg, path: Path):
+    """Refuse to resume from weights other than those the checkpoint's run started from. A
+    checkpoint holds only what trains; the frozen base of a LoRA policy and the reference are read
+    again from ``model``, which may have been overwritten since."""
+    if saved is None or all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, now)):
+        return
+    where = models.weights_path(cfg.model) or f"random init from seed={cfg.seed}"
+    raise models.ConfigError(f"resume=true: {path} was trained from other starting weights than those at {where} now "
+                             f"(they changed since: an overwritten export?): put those weights back, or start a new "
+                             f"run_dir from these")

@@ -251,27 +251,3 @@ def setup_logging(log_file: str | None = None, debug: bool = False):
     logging.basicConfig(level=ours if debug else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
     log.setLevel(ours)
-
-
-def full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """Collective for a DTensor (every rank gets the whole parameter, dense); a plain tensor as is.
-
-    A QLoRA shard (an NF4 tensor, ``models.quantize_base``) is dequantized on its rank and then
-    gathered as a dense tensor: its blocks and their scales never straddle shards, so that is
-    exactly the dequantized whole. (Gathering the NF4 tensor itself goes through torchao's
-    functional all-gather of its three parts, which corrupted the heap about one run in five on
-    gloo: ``malloc(): unaligned tcache chunk detected`` mid-run.)"""
-    from torch.distributed.tensor import DTensor
-
-    from models import dense, is_nf4  # imported by then: only a model's parameters come here
-
-    p = p.detach()
-    if not isinstance(p, DTensor):
-        return dense(p)
-    local = p.to_local()
-    quantized = is_nf4(local)
-    local = dense(local)
-    if quantized or local.device.type != p.device_mesh.device_type:  # cpu_offload: gather on the mesh's device
-        p = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                               shape=p.shape, stride=p.stride())
-    return p.full_tensor()

@@ -1,4 +1,4 @@
-"""Task accuracy: of an exported model by greedy decoding with HF ``generate`` (single-process
+"""A trainer's evaluations (``loss_eval``, ``sample_eval``, ``reward_eval``, collective), and task accuracy: of an exported model by greedy decoding with HF ``generate`` (single-process
 and unsharded: ``<run_dir>/LATEST`` or a random-init config, what the demo prints before and after
 each stage), and during training of the completions the colocated sampler gives (collective), each
 checked by the datasets' verifier.
@@ -6,12 +6,18 @@ checked by the datasets' verifier.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 import distributed
-from data.tokenize import prompt_ids
+from data.tokenize import IGNORE, prompt_ids
+from metrics_log import means
+from rollout import Rollout
+from sampler import SamplingParams, rollout_of
+
+log = logging.getLogger("train")
 
 
 @torch.no_grad()
@@ -109,3 +115,72 @@ def paired_comparison(before: list[float], after: list[float]) -> dict:
     broken = sum(a < b for b, a in zip(before, after))
     z = (fixed - broken) / math.sqrt(fixed + broken) if fixed + broken else 0.0
     return {"fixed": fixed, "broken": broken, "mcnemar_z": round(z, 2)}
+
+
+# --- during training: what Trainer.evaluate logs -------------------------------------------------
+
+@torch.no_grad()
+def loss_eval(trainer) -> dict:
+    """Collective: the loss on the eval examples (equal shares: every rank runs as many forwards)
+    and, with ``sample_during_eval``, completions of the first eval prompts (``sample_eval``)."""
+    world = trainer.world
+    examples = trainer.eval_examples[: len(trainer.eval_examples) // world * world]
+    mine, size = distributed.share(examples), max(1, trainer.cfg.eval_batch_size // world)
+    sums = trainer.run_micro_batches([mine[i : i + size] for i in range(0, len(mine), size)], train=False)
+    record = means(sums, "eval/{}", trainer.step, f" ({len(examples)} of {len(trainer.eval_examples)} eval examples: "
+                                                  f"each of the {world} ranks evaluates as many)")
+    if trainer.sampler is not None:
+        record.update(sample_eval(trainer))
+    return record
+
+
+def sample_eval(trainer) -> dict:
+    """Collective: completions of the first ``n_eval_model_samples`` eval prompts from the current
+    weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a verifier for
+    the datasets (the toy tasks), also their task accuracy."""
+    record = {"timing/weight_sync": trainer.sampler.sync_weights(trainer.model)}
+    examples = trainer.eval_examples[: trainer.cfg.n_eval_model_samples]
+    prompts = [seq["input_ids"][: prompt_length(seq)] for seq in (trainer.sequences(ex)[0] for ex in examples)]
+    completions = sample_completions(trainer.sampler, prompts, SamplingParams(**trainer.cfg.eval_sampling))
+    trainer.model.eval()
+    accuracy = verified_fraction(trainer.cfg.datasets, [ex["prompt"] for ex in examples], completions)
+    if accuracy is not None:
+        record["eval/task_accuracy"] = accuracy
+    trainer.metrics.samples([{"prompt": ex["prompt"], "completion": c} for ex, c in zip(examples, completions)],
+                            trainer.step)
+    return record
+
+
+@torch.no_grad()
+def reward_eval(trainer) -> dict:
+    """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
+    ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
+    trainer.sampler.sync_weights(trainer.model)
+    world, step = trainer.world, trainer.step
+    examples = trainer.eval_examples[: len(trainer.eval_examples) // world * world]
+    rollout = rollout_of(trainer.sampler, distributed.share(examples), SamplingParams(**trainer.cfg.eval_sampling),
+                         trainer.tokenizer.eos_token_id, trainer.env)
+    trainer.rewards.score(rollout)
+    rollout = Rollout.cat(distributed.gather([rollout]))
+    if not len(rollout):
+        if distributed.is_main():
+            log.warning(f"step {step}: no eval prompt left over {world} ranks (each evaluates as many): "
+                        f"eval/reward not logged")
+        return {}
+    trainer.rewards.check(rollout, step)  # a reward function that fails on most samples stops the run here too
+    record = {"eval/reward": rollout.scores.mean().item()}
+    if rollout.episodes is not None:  # the environment says whether an episode solved the task
+        record.update(rollout.episode_metrics("eval"))
+        accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)
+    else:
+        accuracy = verified_fraction(trainer.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)
+    if accuracy is not None:
+        record["eval/task_accuracy"] = accuracy
+    trainer.metrics.samples([{"prompt": p, "completion": t, "score": s} for p, t, s in
+                             zip(rollout.prompts, rollout.texts, rollout.scores.tolist())], step)
+    return record
+
+
+def prompt_length(seq: dict) -> int:
+    """Tokens before a sequence's first label: its (possibly truncated) prompt as the model saw it."""
+    return next(i for i, label in enumerate(seq["labels"]) if label != IGNORE)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data.packing import IGNORE
+import distributed
+from data.packing import IGNORE, unpack
 from losses.rl import entropy_from_logits
 
 
@@ -135,3 +136,26 @@ def head_error(model, device: torch.device) -> float:
     finally:
         model.train(was_training)
     return (full - chunked).abs().max().item()
+
+
+@torch.no_grad()
+def score_tokens(rollout, collate, batch_size: int, scorers: dict, frozen=()):
+    """Collective: for each ``{field: fn(batch) -> [1, L] per-token values}`` of ``scorers`` (the
+    old policy's and the reference's log-probs, the critic's values), ``rollout.<field>`` [N, T],
+    laid out over the completion's tokens (a multi-turn episode's observations between the replies
+    get 0); each rank computes a share of the samples, ``batch_size`` per forward (``collate``)."""
+
+    def forward(chunk: list[int]) -> list[dict]:
+        part = rollout.select(chunk)
+        batch, n = collate(part), len(part)
+        out = {name: unpack(fn(batch), batch, n) for name, fn in scorers.items()}
+        trained = [part.mask[i, : part.lengths[i]] > 0 for i in range(n)]  # unpack gives the trained tokens only
+        return [{name: torch.zeros(len(trained[i])).masked_scatter(trained[i], values[i].float().cpu())
+                 for name, values in out.items()} for i in range(n)]
+
+    mine = distributed.lockstep(forward, distributed.share(list(range(len(rollout)))), batch_size, stand_in=0,
+                                frozen=frozen)
+    computed = distributed.gather(mine)
+    width = rollout.tokens.shape[1]
+    for name in computed[0] if computed else ():
+        setattr(rollout, name, torch.stack([F.pad(c[name], (0, width - len(c[name]))) for c in computed]))

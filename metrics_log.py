@@ -16,6 +16,20 @@ import distributed
 log = logging.getLogger("train")
 
 
+def means(sums: dict, name: str, step: int, why: str = "") -> dict:
+    """``{name.format(k): sum / count}`` of a step's metric sums, without the metrics of nothing:
+    a mean over zero tokens, pairs or samples is not 0, so it is left out and warned about."""
+    out = {}
+    for k, (value, count) in sums.items():
+        if k in ("tokens", "padding"):
+            continue
+        if count > 0:
+            out[name.format(k)] = value / count
+        elif distributed.is_main():  # every rank has the same sums: say it once
+            log.warning(f"step {step}: {name.format(k)} is a mean over nothing{why}: not logged")
+    return out
+
+
 class MetricsLog:
     def __init__(self, cfg):
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import distributed
 import logprobs
 
 
@@ -529,3 +530,118 @@ def load_reward_model(model_cfg, device: torch.device, seed: int = 0, meta: bool
         trained = AutoModelForSequenceClassification.from_pretrained(path, dtype=lm.dtype)
         rm.score.weight.data.copy_(trained.score.weight.data)
     return rm
+
+
+def config_for(cfg, path: str):
+    """The policy's model config (``cfg.model``: dtype, sharding) pointed at another model's directory."""
+    return OmegaConf.create({**OmegaConf.to_container(cfg.model, resolve=True), "archive": path,
+                             "name_or_path": None, "tokenizer_name_or_path": None})
+
+
+class Builder:
+    """Builds every model of a run the same way: loaded once, FSDP2-sharded over the run's mesh in
+    the policy's compute dtype, then self-checked (packing, the log-prob head). ``packs`` is whether
+    the run's batches are packed: ``packing=auto`` turns it off for a model that cannot pack."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.packs = cfg.packing in (True, "auto")
+
+    def policy(self, scalar_head: bool = False):
+        """The model being trained (``scalar_head``: a reward model), with LoRA adapters where
+        ``lora.r`` is set and its frozen base in NF4 with ``lora.load_in_4bit`` (QLoRA); and the
+        ``fingerprint`` of the weights it starts from, rank 0's on every rank (a resumed run must
+        start from the same ones)."""
+        cfg, found = self.cfg, {}
+
+        def load(model_cfg, meta: bool):
+            model = (load_reward_model if scalar_head else load_model)(model_cfg, self.device, seed=cfg.seed, meta=meta)
+            if not meta and distributed.is_main():
+                found["fingerprint"] = fingerprint(model)
+            if cfg.lora.r:
+                model = add_lora(model, cfg.lora, seed=cfg.seed)
+            if cfg.lora.load_in_4bit and not meta:
+                model = quantize_base(model, distributed.world(), model_cfg.block_name)
+            return model
+
+        model = self.build(cfg.model, load, load_once=not cfg.lora.load_in_4bit)
+        return model, distributed.from_main(found.get("fingerprint"))
+
+    def scorer(self, model_cfg):
+        """A reward model (or a critic): a scalar head on the last token."""
+        return self.build(model_cfg, lambda c, meta: load_reward_model(c, self.device, seed=self.cfg.seed, meta=meta))
+
+    def frozen(self, model_cfg, policy=None):
+        """A model that is only read (a reference): sharded the same way, no gradients. With LoRA,
+        the ``policy`` itself with its adapters off (``AdapterOff``)."""
+        if self.cfg.lora.r and policy is not None:
+            return AdapterOff(policy)
+        return self.build(model_cfg).requires_grad_(False).eval()
+
+    def build(self, model_cfg, load=None, load_once: bool = True):
+        """Collective: ``load(model_cfg, meta)`` (default: the causal LM), sharded over all ranks
+        (``load_once``: as ``build_sharded``), then self-checked."""
+        cfg = self.cfg
+        load = load or (lambda c, meta: load_model(c, self.device, seed=cfg.seed, meta=meta))
+        model = build_sharded(lambda meta: load(model_cfg, meta), distributed.mesh(cfg.fsdp_shard_ranks), self.device,
+                              load_once=load_once, param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=cfg.cpu_offload,
+                              block_name=model_cfg.block_name, activation_checkpointing=cfg.activation_checkpointing,
+                              reshard_after_forward=cfg.reshard_after_forward)
+        if self.packs and cfg.packing_check:
+            self.check_packing(model)
+        if cfg.logprob_chunk_tokens and not isinstance(model, RewardModel):
+            self.check_logprob_head(model, model_cfg)
+        return model
+
+    def check_packing(self, model):
+        """Collective: refuse (``packing=true``) or stop packing (``packing=auto``) if ``model``'s
+        output for a sequence changes when another sequence precedes it in the row: an
+        architecture whose attention mask ignores ``position_ids`` (OPT, Falcon, BioGPT in
+        transformers 5.19) lets packed sequences attend to each other, silently."""
+        error = packing_error(model, self.device)
+        distributed.reshard(model)
+        if error <= PACKING_TOLERANCE:
+            return
+        config = model.config
+        what = (f"{type(model).__name__.removeprefix('FSDP')} (model_type {config.model_type}, attention "
+                f"{config._attn_implementation}) attends across packed sequences: a probe sequence's output changes "
+                f"by {error:.3g} (> {PACKING_TOLERANCE}) when another sequence precedes it in the row")
+        if self.cfg.packing == "auto":
+            log.warning(f"{what}; packing=auto: using padded batches instead")
+            self.packs = False
+            return
+        raise ConfigError(f"{what}: set packing=false (or packing=auto to fall back to padding), "
+                          f"or a model.attn_implementation whose mask honours position_ids")
+
+    def check_logprob_head(self, model, model_cfg):
+        """Collective: refuse a model whose logits are not ``lm_head(last hidden state)`` (soft-capped
+        or scaled after the head), which chunked log-probs would silently get wrong."""
+        error = logprobs.head_error(model, self.device)
+        distributed.reshard(model)
+        if error > logprobs.HEAD_TOLERANCE[model_cfg.fsdp_policy_mp]:
+            raise ConfigError(
+                f"{type(model).__name__.removeprefix('FSDP')} (model_type {model.config.model_type}) computes its "
+                f"logits from more than its LM head (chunked log-probs differ from its own logits by {error:.3g}): "
+                f"set logprob_chunk_tokens=null to compute log-probs from the model's full logits")
+
+
+def full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """Collective for a DTensor (every rank gets the whole parameter, dense); a plain tensor as is.
+
+    A QLoRA shard (an NF4 tensor, ``quantize_base``) is dequantized on its rank and then
+    gathered as a dense tensor: its blocks and their scales never straddle shards, so that is
+    exactly the dequantized whole. (Gathering the NF4 tensor itself goes through torchao's
+    functional all-gather of its three parts, which corrupted the heap about one run in five on
+    gloo: ``malloc(): unaligned tcache chunk detected`` mid-run.)"""
+    from torch.distributed.tensor import DTensor
+
+    p = p.detach()
+    if not isinstance(p, DTensor):
+        return dense(p)
+    local = p.to_local()
+    quantized = is_nf4(local)
+    local = dense(local)
+    if quantized or local.device.type != p.device_mesh.device_type:  # cpu_offload: gather on the mesh's device
+        p = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                               shape=p.shape, stride=p.stride())
+    return p.full_tensor()

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+import distributed
+
 log = logging.getLogger("train")
 
 
@@ -63,3 +65,14 @@ class StepProfiler:
         if self.prof is not None:
             self.prof.stop()
             self.prof = None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The largest peak over ranks: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return distributed.all_max([peak], device)[0]

@@ -12,6 +12,7 @@ on one sample: the sample's score is ``reward.invalid_score`` and the error is r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -43,15 +44,23 @@ def load_object(spec: str, what: str, known: dict):
     if target.endswith(".py"):
         if not Path(target).is_file():
             raise ValueError(f"{what} {spec!r}: no file {target}")
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        module = _file_module(str(Path(target).resolve()), Path(target).stat().st_mtime_ns)
     else:
         module = importlib.import_module(target)
     found = getattr(module, name, None)
     if not callable(found):
         raise ValueError(f"{what} {spec!r}: {target} has no {what.split()[-1]} {name!r}")
     return found
+
+
+@functools.cache
+def _file_module(path: str, mtime_ns: int):
+    """A .py file run as a module once (per version of the file): the config checks load what a
+    run names, the trainer loads it again to use it."""
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dict) -> tuple[float | None, str | None]:
@@ -69,6 +78,23 @@ def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dic
     return value, None
 
 
+def check_config(reward_cfg, env: bool = False) -> tuple[dict, dict]:
+    """``reward:``'s functions (loaded: a bad name stops the run before anything is built) and the
+    weight of each reward by name (models first, then functions, then the environment's)."""
+    functions = {spec: load_function(spec) for spec in reward_cfg.functions}
+    names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
+    if not names:
+        raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
+    for path in reward_cfg.models:
+        if not (Path(models.resolve(path)) / "config.json").exists():
+            raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
+    weights = reward_cfg.weights
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} "
+                         f"(models first, then functions, then the environment's)")
+    return functions, dict(zip(names, weights if weights is not None else [1.0] * len(names)))
+
+
 class Rewards:
     """What scores a sample (``reward:`` in config.yaml): ``functions`` (rewards.py) and ``models``
     (reward-model exports, sharded like the policy, read at the sample's last token), weighted
@@ -81,18 +107,7 @@ class Rewards:
         the samples are episodes, and the environment's rewards (summed) count as a reward "env"."""
         self.cfg, self.tokenizer = reward_cfg, tokenizer
         self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
-        self.functions = {spec: load_function(spec) for spec in reward_cfg.functions}
-        names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
-        if not names:
-            raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
-        for path in reward_cfg.models:
-            if not (Path(models.resolve(path)) / "config.json").exists():
-                raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
-        weights = reward_cfg.weights
-        if weights is not None and len(weights) != len(names):
-            raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} "
-                             f"(models first, then functions, then the environment's)")
-        self.weights = dict(zip(names, weights if weights is not None else [1.0] * len(names)))
+        self.functions, self.weights = check_config(reward_cfg, env)
         self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
 
     def add_model(self, path: str, model, tokenizer):

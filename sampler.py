@@ -53,6 +53,7 @@ import torch.distributed as dist
 import checkpointing
 import distributed
 import models
+from rollout import Rollout
 
 log = logging.getLogger("train")
 
@@ -534,7 +535,7 @@ class VLLMSampler(Sampler):
                 nbytes = sum(p.numel() * p.element_size() for _, p in group)
                 if bucket and size + nbytes > self.bucket_bytes:
                     flush()
-                whole = [(name, distributed.full_tensor(p)) for name, p in group]
+                whole = [(name, models.full_tensor(p)) for name, p in group]
                 if models.is_lora(model):  # a decoder layer holds its adapters: merged here, as exported
                     whole = list(models.merged_lora_weights(dict(whole), model).items())
                 bucket += whole
@@ -637,3 +638,12 @@ def build_sampler(cfg, model, tokenizer, run_dir) -> Sampler:
     seconds = sampler.sync_weights(model)
     log.info(f"vLLM sampler built; first weight sync {seconds:.2f}s ({sampler.sync_stats['buckets']} buckets)")
     return sampler
+
+
+def rollout_of(sampler, examples: list[dict], params: SamplingParams, eos_token_id: int, env=None) -> Rollout:
+    """Collective: ``params.n`` unscored samples of each of this rank's prompt ``examples``:
+    episodes of ``env`` (an ``environments.EpisodeRunner``) when given, else the sampler's
+    completions."""
+    if env is not None:
+        return env.rollout(sampler, examples, params.n, params)
+    return Rollout.of(examples, sampler.generate([ex["prompt_ids"] for ex in examples], params), eos_token_id)

@@ -10,11 +10,15 @@ each packed into rows with no padding between sequences. A loss is a *sum* over 
 tokens for SFT, pairs for DPO) divided by the number of terms in the whole global batch, counted
 before the forward pass, so the gradient is the same for any number of ranks and accumulation steps.
 
-The hooks, in the order a run meets them:
+What is not the loop lives with its concern: building and self-checking models in
+``models.Builder``, data in ``data.tokenize.load_examples``, evaluations in ``evaluation.py``,
+checkpoint/resume in ``checkpointing.save_run``/``resume_run``, per-token log-probs of a rollout in
+``logprobs.score_tokens``, the RL estimators in ``losses/rl.py``. The hooks, in the order a run
+meets them:
 
     hook               when it runs                            overridden by
     check_config       first, before anything is loaded        every family (a bad config costs nothing)
-    load_model         building each trainable model           RewardTrainer (a scalar head)
+    scalar_head        (attribute) the policy is a reward model RewardTrainer
     before_training    once built and restored, before eval    PreferenceTrainer (precomputed reference)
     train_step         each step of the loop                   PolicyGradientTrainer, online()
     examples_per_step  examples a step consumes                trainers that sample (prompts per iteration)
@@ -23,6 +27,7 @@ The hooks, in the order a run meets them:
     n_loss_terms       what a micro-batch's loss is a sum of   pairs (1 per pair), PolicyGradientTrainer
     loss               summed loss of a packed micro-batch     every algorithm
     step_optimizers    after each update's backward            PPOTrainer (the critic's optimizer too)
+    eval_metrics       at each evaluation                      trainers that sample (evaluation.reward_eval)
     save_now           after each step: checkpoint anyway?     the online loops (every iteration)
     export             at each checkpoint: the HF directory    RewardTrainer (a sequence classifier)
     trainer_state      into each checkpoint                    PolicyGradientTrainer (KL coef), PPOTrainer
@@ -32,7 +37,9 @@ and ``PreferenceTrainer`` -> the DPO family (``DPOTrainer``, ``IPOTrainer``, ``K
 ``SimPOTrainer``, ``ORPOTrainer``); ``PolicyGradientTrainer`` -> ``PPOTrainer``, ``GRPOTrainer`` (->
 ``RLOOTrainer``, its groups with another baseline), ``ReinforcePPTrainer``; the online loops ``OnlineDPOTrainer`` and ``RAFTTrainer``,
 ``online(DPOTrainer)`` and ``online(SFTTrainer)``: the loop wrapped around a fixed-data trainer.
-Every trainer that samples gets its rollout from ``sample_rollout``.
+Every trainer that samples holds what ``start_sampling`` builds (environment, rewards, sampler) and
+gets its rollout from ``sample_rollout``. ``PolicyGradientTrainer.train_step`` reads as the
+numbered phases of an RL iteration.
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import checkpointing
@@ -56,22 +62,22 @@ import logprobs
 import models
 import overrides
 import profiling
-from data import DataError, load_rows
-from data.packing import last_positions, pack, pad, per_sequence, unpack
+import rewards
+from data import DataError
+from data.packing import last_positions, pack, pad, per_sequence
 from data.selection import best_of_k, best_vs_worst_pairs
+from data.tokenize import IGNORE, load_examples
 from data.toy_env import ENVIRONMENTS
-from data.tokenize import IGNORE, TOKENIZERS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
-                       explained_variance, gae, grpo_advantages, kl_penalty, masked_mean,
-                       masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages, sequence_ppo_loss,
-                       token_rewards, truncated_is_weight, value_loss)
-from metrics_log import MetricsLog
+                       gae, grpo_advantages, importance_weights, kl_penalty, masked_whiten, ppo_policy_loss,
+                       reinforce_pp_advantages, rloo_advantages, rollout_stats, sequence_ppo_loss, token_rewards,
+                       value_loss)
+from metrics_log import MetricsLog, means
 from preemption import StopSignals
-from rewards import Rewards
 from rollout import TOKEN_FIELDS, Rollout
-from sampler import SamplingParams, build_sampler
+from sampler import SamplingParams, build_sampler, rollout_of
 
 log = logging.getLogger("train")
 
@@ -88,29 +94,50 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
-def means(sums: dict, name: str, step: int, why: str = "") -> dict:
-    """``{name.format(k): sum / count}`` of a step's metric sums, without the metrics of nothing:
-    a mean over zero tokens, pairs or samples is not 0, so it is left out and warned about."""
-    out = {}
-    for k, (value, count) in sums.items():
-        if k in ("tokens", "padding"):
-            continue
-        if count > 0:
-            out[name.format(k)] = value / count
-        elif distributed.is_main():  # every rank has the same sums: say it once
-            log.warning(f"step {step}: {name.format(k)} is a mean over nothing{why}: not logged")
-    return out
-
-
 def crossed(every: int | None, before: int, after: int) -> bool:
     """True when the counter passed a multiple of ``every`` going from ``before`` to ``after``."""
     return bool(every) and after // every > before // every
 
 
+def check_run_config(cfg, world: int, plays_episodes: bool):
+    """The checks of every run, before anything is loaded: a bad config costs nothing."""
+    per_step = world * cfg.gradient_accumulation_steps
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of ranks x gradient_accumulation_steps "
+                         f"= {world} x {cfg.gradient_accumulation_steps}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below max_length={cfg.max_length}")
+    if isinstance(cfg.datasets, str):
+        raise ValueError(f"datasets={cfg.datasets}: expected a list, e.g. datasets=[{cfg.datasets}]")
+    if cfg.packing not in (True, False, "auto"):
+        raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
+    shard_ranks = cfg.fsdp_shard_ranks
+    if shard_ranks is not None and (not isinstance(shard_ranks, int) or shard_ranks < 1 or world % shard_ranks):
+        raise ValueError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} must divide the {world} ranks "
+                         f"(e.g. the GPUs of one node); null shards over all of them")
+    if cfg.row_tokens < cfg.max_length:
+        raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
+    if cfg.lora.load_in_4bit and not cfg.lora.r:
+        raise models.ConfigError("lora.load_in_4bit=true quantizes the frozen base of a LoRA run: set lora.r "
+                                 "(e.g. lora.r=16), or lora.load_in_4bit=false")
+    if cfg.env and not plays_episodes:
+        raise models.ConfigError(f"env={cfg.env}: loss={cfg.loss.name} does not play episodes; the policy-gradient "
+                                 f"losses do (loss=grpo, rloo, reinforce_pp, ppo)")
+    if cfg.env and not cfg.max_turns >= 1:
+        raise models.ConfigError(f"max_turns={cfg.max_turns}: an episode needs at least one reply")
+    profiling.check_steps(cfg.profile_steps)
+
+
 class Trainer:
+    """The loop and the update. ``__init__`` builds a run in three phases (the checks, the data,
+    the policy and its optimizer); ``train`` runs the loop; ``update`` is one optimizer step on the
+    global batch, its loss normalised by the global count of loss terms."""
+
     row_format = "sft"  # the rows it reads (data/__init__.py); "prompt": it samples its own completions
     starts_from_a_model = False  # a stage that refines a trained model (warned about when given none)
     plays_episodes = False  # it can sample multi-turn episodes of an environment (env=)
+    scalar_head = False  # the policy is a reward model (RewardTrainer)
+    sampler = None  # the colocated sampler: trainers that sample, or sample_during_eval
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -118,92 +145,53 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         # 1. everything a user can get wrong, before anything is loaded
         self.check_config()
-        # every rank computes in the dtype rank 0 measured (model_config copies it to every other
+        # every rank computes in the dtype rank 0 measured (config_for copies it to every other
         # model); resolved before the resume check, which compares it with the checkpoint's
         cfg.model.fsdp_policy_mp = distributed.from_main(
             models.compute_dtype(cfg.model.fsdp_policy_mp, device) if self.rank == 0 else None)
-        self.packs = cfg.packing in (True, "auto")  # build_model turns it off for a model that cannot pack (auto)
         self.resume_from = checkpointing.to_resume(self.run_dir, cfg)
-        # every model directory the run names, checked before anything is built
         models.model_config(cfg.model)
-        for path in cfg.reward.models if self.row_format == "prompt" else ():
-            models.model_config(self.model_config(path), key="reward.models")
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.rewards, self.env = None, None
-        if cfg.env:  # an environment and reward functions load now: a bad name costs no model build
-            env_cls = environments.load_environment(cfg.env, ENVIRONMENTS)
-            self.env = environments.EpisodeRunner(env_cls, self.tokenizer, cfg.max_turns, cfg.max_length,
-                                                  cfg.max_prompt_length, cfg.env_timeout_s)
-        if self.row_format == "prompt":
-            self.rewards = Rewards(cfg.reward, self.tokenizer, self.layout, self.forward_size(), cfg.row_tokens,
-                                   env=self.env is not None)
         # 2. data before the model: bad input stops the run before any compute is spent
-        self.train_examples = self.load_examples("train")
-        self.eval_examples = self.load_examples("test")[: cfg.n_eval_examples] if cfg.n_eval_examples else []
+        self.train_examples = load_examples(cfg, "train", self.row_format, self.tokenizer)
+        self.eval_examples = (load_examples(cfg, "test", self.row_format, self.tokenizer)[: cfg.n_eval_examples]
+                              if cfg.n_eval_examples else [])
         self.save_every = overrides.epochs_to_examples(cfg.save_every, len(self.train_examples))
-        n = cfg.n_examples or cfg.n_epochs * len(self.train_examples)
-        self.total_steps = n // self.examples_per_step()
-        if self.total_steps < 1:
-            raise DataError(f"{n} training examples make no step of {self.examples_per_step()}")
-        if cfg.profile_steps and cfg.profile_steps[1] > self.total_steps:
-            raise models.ConfigError(f"profile_steps={list(cfg.profile_steps)}: the run has {self.total_steps} steps; "
-                                     f"choose steps between 1 and {self.total_steps}")
-        log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
-                 f"{self.total_steps} steps of {self.examples_per_step()}, {self.world} rank(s)")
-        updates = self.total_steps * self.updates_per_step()
-        if cfg.warmup_steps >= updates:
-            log.warning(f"warmup_steps={cfg.warmup_steps} is not shorter than the run's {updates} optimizer updates: "
-                        f"the learning rate never reaches lr={cfg.lr}")
-        if self.starts_from_a_model and models.weights_path(cfg.model) is None:
-            log.warning(f"loss={cfg.loss.name} normally starts from a trained model, but model.archive and "
-                        f"model.name_or_path are unset: the policy is random init ({cfg.model.name})")
-        # 3. the policy, its optimizer, the sampler and the reward models
-        self.base_fingerprint = None  # of the weights the policy starts from (load_policy)
-        self.model = self.build_model(cfg.model, load=self.load_policy, load_once=not cfg.lora.load_in_4bit)
-        self.base_fingerprint = distributed.from_main(self.base_fingerprint)
+        self.total_steps = self.count_steps()
+        # 3. the policy and its optimizer
+        self.models = models.Builder(cfg, device)
+        self.model, self.base_fingerprint = self.models.policy(self.scalar_head)
         self.optimizer, self.scheduler = self.optimizer_for(self.model, cfg.lr)
         self.step, self.examples_seen, self.tokens_seen = 0, 0, 0
         self._permutation = (None, None)
         self.metrics = MetricsLog(cfg)
-        self.sampler = None
-        if cfg.sample_during_eval or self.row_format == "prompt":
+        if cfg.sample_during_eval:
             self.sampler = build_sampler(cfg, self.model, self.tokenizer, self.run_dir)
-        for path in cfg.reward.models if self.rewards is not None else ():
-            model_cfg = self.model_config(path)
-            scorer = self.build_model(model_cfg, load=self.load_scorer).requires_grad_(False).eval()
-            self.rewards.add_model(path, scorer, models.load_tokenizer(model_cfg))
+
+    def count_steps(self) -> int:
+        """The run's steps, from ``n_examples`` or ``n_epochs``; what they imply is warned about."""
+        cfg, per_step = self.cfg, self.examples_per_step()
+        n = cfg.n_examples or cfg.n_epochs * len(self.train_examples)
+        steps = n // per_step
+        if steps < 1:
+            raise DataError(f"{n} training examples make no step of {per_step}")
+        if cfg.profile_steps and cfg.profile_steps[1] > steps:
+            raise models.ConfigError(f"profile_steps={list(cfg.profile_steps)}: the run has {steps} steps; "
+                                     f"choose steps between 1 and {steps}")
+        log.info(f"{len(self.train_examples)} train / {len(self.eval_examples)} eval examples, "
+                 f"{steps} steps of {per_step}, {self.world} rank(s)")
+        if cfg.warmup_steps >= steps * self.updates_per_step():
+            log.warning(f"warmup_steps={cfg.warmup_steps} is not shorter than the run's {steps * self.updates_per_step()} "
+                        f"optimizer updates: the learning rate never reaches lr={cfg.lr}")
+        if self.starts_from_a_model and models.weights_path(cfg.model) is None:
+            log.warning(f"loss={cfg.loss.name} normally starts from a trained model, but model.archive and "
+                        f"model.name_or_path are unset: the policy is random init ({cfg.model.name})")
+        return steps
 
     # --- what subclasses change -------------------------------------------------------------
 
     def check_config(self):
-        cfg, per_step = self.cfg, self.world * self.cfg.gradient_accumulation_steps
-        if cfg.batch_size % per_step:
-            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of ranks x gradient_accumulation_steps "
-                             f"= {self.world} x {cfg.gradient_accumulation_steps}")
-        if cfg.max_prompt_length >= cfg.max_length:
-            raise ValueError(f"max_prompt_length={cfg.max_prompt_length} must be below max_length={cfg.max_length}")
-        if isinstance(cfg.datasets, str):
-            raise ValueError(f"datasets={cfg.datasets}: expected a list, e.g. datasets=[{cfg.datasets}]")
-        if cfg.packing not in (True, False, "auto"):
-            raise ValueError(f"packing={cfg.packing!r}: expected true, false or auto")
-        shard_ranks = cfg.fsdp_shard_ranks
-        if shard_ranks is not None and (not isinstance(shard_ranks, int) or shard_ranks < 1 or self.world % shard_ranks):
-            raise ValueError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} must divide the {self.world} ranks "
-                             f"(e.g. the GPUs of one node); null shards over all of them")
-        if cfg.row_tokens < cfg.max_length:
-            raise ValueError(f"row_tokens={cfg.row_tokens} must hold one whole sequence (max_length={cfg.max_length})")
-        if cfg.lora.load_in_4bit and not cfg.lora.r:
-            raise models.ConfigError("lora.load_in_4bit=true quantizes the frozen base of a LoRA run: set lora.r "
-                                     "(e.g. lora.r=16), or lora.load_in_4bit=false")
-        if cfg.env and not self.plays_episodes:
-            raise models.ConfigError(f"env={cfg.env}: loss={cfg.loss.name} does not play episodes; the policy-gradient "
-                                     f"losses do (loss=grpo, rloo, reinforce_pp, ppo)")
-        if cfg.env and not cfg.max_turns >= 1:
-            raise models.ConfigError(f"max_turns={cfg.max_turns}: an episode needs at least one reply")
-        profiling.check_steps(cfg.profile_steps)
-        if cfg.sample_during_eval and self.row_format == "prompt":
-            raise models.ConfigError(f"sample_during_eval=true: loss={cfg.loss.name} always evaluates by sampling "
-                                     f"(eval/reward, with eval_sampling); drop sample_during_eval")
+        check_run_config(self.cfg, self.world, self.plays_episodes)
 
     def sequences(self, example: dict) -> list[dict]:
         """The token sequences an example puts into a packed row (a pair puts two)."""
@@ -231,8 +219,11 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One step of the loop: here one optimizer update on the next global batch."""
-        micro = self.micro_batches(self.global_batch(self.step), self.train_examples)
-        return self.update(micro)
+        return self.update(self.micro_batches(self.global_batch(self.step), self.train_examples))
+
+    def eval_metrics(self) -> dict:
+        """Collective: what ``evaluate`` logs (trainers that sample evaluate by sampling)."""
+        return evaluation.loss_eval(self)
 
     def save_now(self) -> bool:
         """Checkpoint after this step whatever ``save_every`` says (the online loops' iterations)."""
@@ -261,122 +252,54 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples_seen, self.tokens_seen = state["step"], state["examples"], state["tokens"]
 
-    # --- building ---------------------------------------------------------------------------
+    # --- the loop ---------------------------------------------------------------------------
 
-    def load_model(self, model_cfg, meta: bool = False):
-        """The unsharded model, full precision, on CPU (``meta``: its architecture on the meta device)."""
-        return models.load_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
-
-    def load_policy(self, model_cfg, meta: bool = False):
-        """The model being trained: ``load_model``, with LoRA adapters where ``lora.r`` is set and
-        its frozen base in NF4 with ``lora.load_in_4bit`` (QLoRA). Records the starting weights'
-        ``models.fingerprint``: a resumed run must start from the same ones."""
-        model = self.load_model(model_cfg, meta)
-        if not meta and distributed.is_main():  # __init__ sends rank 0's to every rank
-            self.base_fingerprint = models.fingerprint(model)
-        if self.cfg.lora.r:
-            model = models.add_lora(model, self.cfg.lora, seed=self.cfg.seed)
-        if self.cfg.lora.load_in_4bit and not meta:
-            model = models.quantize_base(model, self.world, model_cfg.block_name)
-        return model
-
-    def load_scorer(self, model_cfg, meta: bool = False):
-        """A reward model (or a critic): a scalar head on the last token."""
-        return models.load_reward_model(model_cfg, self.device, seed=self.cfg.seed, meta=meta)
-
-    def model_config(self, path: str):
-        """The policy's model config (dtype, sharding) pointed at another model's directory."""
-        return OmegaConf.create({**OmegaConf.to_container(self.cfg.model, resolve=True), "archive": path,
-                                 "name_or_path": None, "tokenizer_name_or_path": None})
-
-    def build_model(self, model_cfg, load=None, load_once: bool = True):
-        """``load(model_cfg)`` (default ``self.load_model``), sharded over all ranks (``load_once``:
-        as ``models.build_sharded``)."""
-        load = load or self.load_model
-        mesh = distributed.mesh(self.cfg.fsdp_shard_ranks)
-        model = models.build_sharded(lambda meta: load(model_cfg, meta), mesh, self.device, load_once=load_once,
-                                     param_dtype=model_cfg.fsdp_policy_mp, cpu_offload=self.cfg.cpu_offload,
-                                     block_name=model_cfg.block_name,
-                                     activation_checkpointing=self.cfg.activation_checkpointing,
-                                     reshard_after_forward=self.cfg.reshard_after_forward)
-        if self.packs and self.cfg.packing_check:
-            self.check_packing(model, model_cfg)
-        if self.cfg.logprob_chunk_tokens and not isinstance(model, models.RewardModel):
-            self.check_logprob_head(model, model_cfg)
-        return model
-
-    def frozen_copy(self, model_cfg):
-        """A model that is only read (the reference): sharded the same way, no gradients. With LoRA,
-        the policy itself with its adapters off (``models.AdapterOff``)."""
-        if self.cfg.lora.r and model_cfg is self.cfg.model:
-            return models.AdapterOff(self.model)
-        return self.build_model(model_cfg).requires_grad_(False).eval()
-
-    def optimizer_for(self, model, lr: float):
+    def train(self):
         cfg = self.cfg
-        # fused: one kernel over all parameters (CPU and CUDA); the default for-each path makes a
-        # pass over memory per elementwise op, 0.35 s against 0.09 s a step for 135M fp32 parameters
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=cfg.weight_decay,
-                                      betas=tuple(cfg.adam_betas), fused=True)
-        schedule = warmup_cosine(cfg.warmup_steps, self.total_steps * self.updates_per_step(), cfg.min_lr_ratio)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        if cfg.resume:
+            checkpointing.resume_run(self)
+        self.metrics.start(self.step, self.total_steps)
+        stop = StopSignals()
+        self.before_training()
+        if self.step == 0 and cfg.eval_at_start:
+            self.evaluate()
+        self.model.train()
+        profiler = profiling.StepProfiler(cfg.profile_steps, self.step, self.run_dir / "profile", self.device,
+                                          distributed.is_main())
+        while self.step < self.total_steps:
+            record = self.train_step()
+            profiler.step()
+            record["memory/peak_gb"] = profiling.peak_memory_gb(self.device)
+            before = self.examples_seen
+            self.step += 1
+            self.examples_seen += self.examples_per_step()
+            self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
+            self.metrics.stepped(record)
+            last = self.step == self.total_steps
+            if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
+                self.evaluate()
+                self.model.train()
+            saved = crossed(self.save_every, before, self.examples_seen) or last or self.save_now()
+            if saved:
+                checkpointing.save_run(self, export=True)
+            if not last and stop.requested():
+                if not saved:
+                    checkpointing.save_run(self, export=False)
+                stop.requeue(self.step, cfg.requeue_on_timeout, checkpointing.last_checkpoint(self.run_dir))
+                break
+        profiler.close()
+        self.metrics.close()
 
-    def check_packing(self, model, model_cfg):
-        """Collective: refuse (``packing=true``) or stop packing (``packing=auto``) if ``model``'s
-        output for a sequence changes when another sequence precedes it in the row: an
-        architecture whose attention mask ignores ``position_ids`` (OPT, Falcon, BioGPT in
-        transformers 5.19) lets packed sequences attend to each other, silently."""
-        error = models.packing_error(model, self.device)
-        distributed.reshard(model)
-        tolerance = models.PACKING_TOLERANCE
-        if error <= tolerance:
-            return
-        config = model.config
-        what = (f"{type(model).__name__.removeprefix('FSDP')} (model_type {config.model_type}, attention "
-                f"{config._attn_implementation}) attends across packed sequences: a probe sequence's output changes "
-                f"by {error:.3g} (> {tolerance}) when another sequence precedes it in the row")
-        if self.cfg.packing == "auto":
-            log.warning(f"{what}; packing=auto: using padded batches instead")
-            self.packs = False
-            return
-        raise models.ConfigError(f"{what}: set packing=false (or packing=auto to fall back to padding), "
-                                 f"or a model.attn_implementation whose mask honours position_ids")
-
-    def check_logprob_head(self, model, model_cfg):
-        """Collective: refuse a model whose logits are not ``lm_head(last hidden state)`` (soft-capped
-        or scaled after the head), which chunked log-probs would silently get wrong."""
-        error = logprobs.head_error(model, self.device)
-        distributed.reshard(model)
-        if error > logprobs.HEAD_TOLERANCE[model_cfg.fsdp_policy_mp]:
-            raise models.ConfigError(
-                f"{type(model).__name__.removeprefix('FSDP')} (model_type {model.config.model_type}) computes its "
-                f"logits from more than its LM head (chunked log-probs differ from its own logits by {error:.3g}): "
-                f"set logprob_chunk_tokens=null to compute log-probs from the model's full logits")
-
-    def token_logps(self, model, batch: dict, temperature: float = 1.0, **entropy):
-        """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
-        if isinstance(model, models.AdapterOff):
-            with model.policy.disable_adapter():
-                return self.token_logps(model.policy, batch, temperature, **entropy)
-        return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
-
-    def load_examples(self, split: str) -> list[dict]:
-        examples, tokenize = [], TOKENIZERS[self.row_format]
-        for name in self.cfg.datasets:
-            rows = load_rows(name, split, self.row_format, paths=OmegaConf.to_container(self.cfg.data.paths),
-                             keys=OmegaConf.to_container(self.cfg.data.columns))
-            source = f"{name} ({split})"
-            tokenized, stats = tokenize(rows, self.tokenizer, self.cfg, source, self.cfg.data.truncation_mode)
-            if sum(stats.values()):
-                log.warning(f"{source}: of {len(rows)} rows, " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items()))
-            examples += tokenized
-        return examples
-
-    def forward_size(self) -> int:
-        """Sequences per rank in one forward without gradients that feeds training."""
-        return max(1, self.cfg.forward_batch_size // self.world)
-
-    # --- batches ----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Collective: ``eval_metrics`` on the eval examples, logged (nothing without eval examples)."""
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        record = self.eval_metrics()
+        if record:
+            self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
+            log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        return record
 
     def global_batch(self, step: int) -> list[int]:
         """Indices of the examples of step ``step``: a fixed-seed shuffle per epoch, the same on
@@ -391,62 +314,30 @@ class Trainer:
             out.append(self._permutation[1][i])
         return out
 
-    def subset(self, data, indices: list[int]):
-        """The examples of ``data`` at ``indices`` (a list here; a Rollout's ``select``)."""
-        return [data[i] for i in indices]
-
     def micro_batches(self, indices: list[int], data) -> list:
-        """This rank's share of the global batch ``indices`` of ``data``, in micro-batches."""
+        """This rank's share of the global batch ``indices`` of ``data`` (a list of examples, or a
+        Rollout), in micro-batches."""
         mine, n_micro = distributed.share(indices), self.cfg.gradient_accumulation_steps
         size = len(mine) // n_micro
-        return [self.subset(data, mine[k * size : (k + 1) * size]) for k in range(n_micro)]
+        pick = data.select if isinstance(data, Rollout) else (lambda idx: [data[i] for i in idx])
+        return [pick(mine[k * size : (k + 1) * size]) for k in range(n_micro)]
 
     def collate(self, micro_batch) -> dict:
+        """A micro-batch as packed tensors on the device (``layout``)."""
         return self.layout([s for ex in micro_batch for s in self.sequences(ex)], self.tokenizer.pad_token_id)
 
     def layout(self, seqs: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dict:
         """``seqs`` as a batch on the device: packed rows, or one padded row each when the models
         cannot pack (``packing=false``, or ``auto`` after the self-check)."""
-        batch = pack(seqs, self.cfg.row_tokens, pad_id, fields) if self.packs else pad(seqs, pad_id, fields)
+        batch = pack(seqs, self.cfg.row_tokens, pad_id, fields) if self.models.packs else pad(seqs, pad_id, fields)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    # --- the loop ---------------------------------------------------------------------------
-
-    def train(self):
-        cfg = self.cfg
-        if cfg.resume:
-            self.resume()
-        self.metrics.start(self.step, self.total_steps)
-        stop = StopSignals()
-        self.before_training()
-        if self.step == 0 and cfg.eval_at_start:
-            self.evaluate()
-        self.model.train()
-        profiler = profiling.StepProfiler(cfg.profile_steps, self.step, self.run_dir / "profile", self.device,
-                                          distributed.is_main())
-        while self.step < self.total_steps:
-            record = self.train_step()
-            profiler.step()
-            record["memory/peak_gb"] = self.peak_memory_gb()
-            before = self.examples_seen
-            self.step += 1
-            self.examples_seen += self.examples_per_step()
-            self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
-            self.metrics.stepped(record)
-            last = self.step == self.total_steps
-            if crossed(cfg.eval_every, before, self.examples_seen) or (last and cfg.eval_at_end):
-                self.evaluate()
-                self.model.train()
-            saved = crossed(self.save_every, before, self.examples_seen) or last or self.save_now()
-            if saved:
-                self.save(export=True)
-            if not last and stop.requested():
-                if not saved:
-                    self.save(export=False)
-                stop.requeue(self.step, cfg.requeue_on_timeout, self.last_checkpoint())
-                break
-        profiler.close()
-        self.metrics.close()
+    def token_logps(self, model, batch: dict, temperature: float = 1.0, **entropy):
+        """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
+        if isinstance(model, models.AdapterOff):
+            with model.policy.disable_adapter():
+                return self.token_logps(model.policy, batch, temperature, **entropy)
+        return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
 
     def run_micro_batches(self, micro: list, train: bool) -> dict[str, list[float]]:
         """Forward (and backward) every micro-batch; returns metric sums, already summed over ranks.
@@ -505,8 +396,17 @@ class Trainer:
             order = torch.randperm(len(data), generator=g).tolist()
             for k in range(len(data) // size):
                 updates.append(self.update(self.micro_batches(order[k * size : (k + 1) * size], data)))
-        means = {k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})}
-        return {**means, "iteration/updates": len(updates)}
+        averaged = {k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})}
+        return {**averaged, "iteration/updates": len(updates)}
+
+    def optimizer_for(self, model, lr: float):
+        cfg = self.cfg
+        # fused: one kernel over all parameters (CPU and CUDA); the default for-each path makes a
+        # pass over memory per elementwise op, 0.35 s against 0.09 s a step for 135M fp32 parameters
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), fused=True)
+        schedule = warmup_cosine(cfg.warmup_steps, self.total_steps * self.updates_per_step(), cfg.min_lr_ratio)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def clip_and_step(self, model, optimizer, scheduler) -> float:
         """Clip ``model``'s gradients to ``max_grad_norm``, step; returns the norm before clipping.
@@ -515,148 +415,15 @@ class Trainer:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm.item()}; "
-                                     f"last complete checkpoint: {self.last_checkpoint()}")
+                                     f"last complete checkpoint: {checkpointing.last_checkpoint(self.run_dir)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return grad_norm.item()
 
-    # --- evaluation -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Collective: the loss on the eval examples (equal shares: every rank runs as many
-        forwards) and, with ``sample_during_eval``, completions of the first eval prompts; a
-        trainer that samples evaluates by sampling (``reward_eval``)."""
-        if not self.eval_examples:
-            return {}
-        self.model.eval()
-        if self.row_format == "prompt":
-            record = self.reward_eval()
-        else:
-            examples = self.eval_examples[: len(self.eval_examples) // self.world * self.world]
-            mine, size = distributed.share(examples), max(1, self.cfg.eval_batch_size // self.world)
-            sums = self.run_micro_batches([mine[i : i + size] for i in range(0, len(mine), size)], train=False)
-            record = means(sums, "eval/{}", self.step, f" ({len(examples)} of {len(self.eval_examples)} eval examples: "
-                                                       f"each of the {self.world} ranks evaluates as many)")
-            if self.sampler is not None:
-                record.update(self.sample_eval())
-        if record:
-            self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
-            log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
-        return record
-
-    def sample_eval(self) -> dict:
-        """Collective: completions of the first ``n_eval_model_samples`` eval prompts from the
-        current weights, written to ``run_dir/samples/step-<N>.jsonl`` (and a wandb table); with a
-        verifier for the datasets (the toy tasks), also their task accuracy."""
-        record = {"timing/weight_sync": self.sampler.sync_weights(self.model)}
-        examples = self.eval_examples[: self.cfg.n_eval_model_samples]
-        prompts = [seq["input_ids"][: prompt_length(seq)] for seq in (self.sequences(ex)[0] for ex in examples)]
-        completions = evaluation.sample_completions(self.sampler, prompts, SamplingParams(**self.cfg.eval_sampling))
-        self.model.eval()
-        accuracy = evaluation.verified_fraction(self.cfg.datasets, [ex["prompt"] for ex in examples], completions)
-        if accuracy is not None:
-            record["eval/task_accuracy"] = accuracy
-        self.metrics.samples([{"prompt": ex["prompt"], "completion": c} for ex, c in zip(examples, completions)],
-                             self.step)
-        return record
-
-    def reward_eval(self) -> dict:
-        """Collective: one completion per eval prompt with ``eval_sampling``, scored as in training:
-        ``eval/reward`` and, for a toy task, ``eval/task_accuracy``; written to samples/."""
-        self.sampler.sync_weights(self.model)
-        examples = self.eval_examples[: len(self.eval_examples) // self.world * self.world]
-        mine = distributed.share(examples)
-        rollout = self.sample(mine, SamplingParams(**self.cfg.eval_sampling))
-        self.rewards.score(rollout)
-        rollout = Rollout.cat(distributed.gather([rollout]))
-        if not len(rollout):
-            if self.rank == 0:
-                log.warning(f"step {self.step}: no eval prompt left over {self.world} ranks (each evaluates as "
-                            f"many): eval/reward not logged")
-            return {}
-        self.rewards.check(rollout, self.step)  # a reward function that fails on most samples stops the run here too
-        record = {"eval/reward": rollout.scores.mean().item()}
-        if rollout.episodes is not None:  # the environment says whether an episode solved the task
-            record.update(rollout.episode_metrics("eval"))
-            accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)
-        else:
-            accuracy = evaluation.verified_fraction(self.cfg.datasets, rollout.prompts, rollout.texts, rollout.rows)
-        if accuracy is not None:
-            record["eval/task_accuracy"] = accuracy
-        self.metrics.samples([{"prompt": p, "completion": t, "score": s} for p, t, s in
-                              zip(rollout.prompts, rollout.texts, rollout.scores.tolist())], self.step)
-        return record
-
-    def sample(self, examples: list[dict], params: SamplingParams) -> Rollout:
-        """Collective: this rank's ``params.n`` samples of each prompt example, unscored: episodes
-        of the environment (``env=``), else the sampler's completions."""
-        if self.env is not None:
-            return self.env.rollout(self.sampler, examples, params.n, params)
-        return Rollout.of(examples, self.complete(examples, params), self.tokenizer.eos_token_id)
-
-    def complete(self, examples: list[dict], params: SamplingParams) -> list[list]:
-        """The sampler's completions (``sampler.Sample``) of each prompt example, ``params.n`` each."""
-        return self.sampler.generate([ex["prompt_ids"] for ex in examples], params)
-
-    # --- checkpoints ------------------------------------------------------------------------
-
-    def save(self, export: bool):
-        path = checkpointing.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                  keep=self.cfg.keep_checkpoints, extra=self.extra_models())
-        log.info(f"saved {path}")
-        if export:
-            self.export(self.run_dir / "LATEST", step=self.step)
-
-    def check_base(self, saved: list[float] | None, path: Path):
-        """Refuse to resume from weights other than those the checkpoint's run started
-        from. A checkpoint holds only what trains; the frozen base of a LoRA policy and the
-        reference are read again from ``model``, which may have been overwritten since."""
-        if saved is None or all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, self.base_fingerprint)):
-            return
-        where = models.weights_path(self.cfg.model) or f"random init from seed={self.cfg.seed}"
-        raise models.ConfigError(f"resume=true: {path} was trained from other starting weights than those at {where} now "
-                                 f"(they changed since: an overwritten export?): put those weights back, or start a new "
-                                 f"run_dir from these")
-
-    def last_checkpoint(self) -> str:
-        found = checkpointing.complete(self.run_dir)
-        return str(found[-1]) if found else "none"
-
-    def resume(self):
-        path = self.resume_from
-        if path is None:
-            log.info(f"resume=true but {self.run_dir} has no complete checkpoint: starting fresh")
-            return
-        state = checkpointing.load(path, self.model, self.optimizer, extra=self.extra_models())
-        self.check_base(state.get("base_fingerprint"), path)
-        self.restore_state(state)
-        self.metrics.truncate(state["metric_lines"], path)  # what the killed run logged after it goes
-        log.info(f"resumed from {path} at step {self.step}")
-        # what the killed run may have left undone after writing this checkpoint: LATEST (at the
-        # last step the whole remaining run), and deleting the checkpoints it replaces
-        latest = self.run_dir / "LATEST"
-        if distributed.from_main(checkpointing.exported_step(latest)) != self.step:
-            self.export(latest, step=self.step)
-            log.info(f"exported {latest} (step {self.step})")
-        if distributed.is_main() and self.cfg.keep_checkpoints:
-            checkpointing.prune(self.run_dir, self.cfg.keep_checkpoints)
-
-    def peak_memory_gb(self) -> float:
-        """The largest peak over ranks: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        return distributed.all_max([peak], self.device)[0]
-
-
-def prompt_length(seq: dict) -> int:
-    """Tokens before a sequence's first label: its (possibly truncated) prompt as the model saw it."""
-    return next(i for i, label in enumerate(seq["labels"]) if label != IGNORE)
+    def forward_size(self) -> int:
+        """Sequences per rank in one forward without gradients that feeds training."""
+        return max(1, self.cfg.forward_batch_size // self.world)
 
 
 # --- supervised ---------------------------------------------------------------------------------
@@ -693,8 +460,7 @@ class RewardTrainer(PairTrainer):
     ``logexpwithlm``, an LM loss on the chosen reply (``loss.lm_coef``). Exports a model that loads
     with ``AutoModelForSequenceClassification``."""
 
-    def load_model(self, model_cfg, meta: bool = False):
-        return self.load_scorer(model_cfg, meta)
+    scalar_head = True
 
     def loss(self, batch: dict, micro_batch) -> tuple[torch.Tensor, dict]:
         n, lm_coef = 2 * len(micro_batch), self.cfg.loss.lm_coef
@@ -736,7 +502,7 @@ class PreferenceTrainer(PairTrainer):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.reference = self.frozen_copy(cfg.model) if self.reference_mode() == "model" else None
+        self.reference = self.models.frozen(cfg.model, self.model) if self.reference_mode() == "model" else None
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
         """(per-pair loss, implied reward of chosen, of rejected) from summed log-probs ``pi_*``,
@@ -852,13 +618,40 @@ class ORPOTrainer(PreferenceTrainer):
 # --- learning from its own samples --------------------------------------------------------------
 
 def check_sampling(cfg, world: int):
-    """The checks of every trainer that samples ``rollout_batch_size`` prompts per iteration."""
+    """The checks of every trainer that samples ``rollout_batch_size`` prompts per iteration and
+    scores them; the reward functions and environment it names are loaded to check them."""
     loss = cfg.loss
     if loss.rollout_batch_size % world:
         raise ValueError(f"loss.rollout_batch_size={loss.rollout_batch_size} must be a multiple of the {world} ranks")
     if loss.sampling.max_new_tokens > cfg.max_length - cfg.max_prompt_length:
         raise ValueError(f"loss.sampling.max_new_tokens={loss.sampling.max_new_tokens} does not fit: a prompt may "
                          f"have max_prompt_length={cfg.max_prompt_length} of max_length={cfg.max_length} tokens")
+    if cfg.sample_during_eval:
+        raise models.ConfigError(f"sample_during_eval=true: loss={loss.name} always evaluates by sampling "
+                                 f"(eval/reward, with eval_sampling); drop sample_during_eval")
+    for path in cfg.reward.models:
+        models.model_config(models.config_for(cfg, path), key="reward.models")
+    if cfg.env:
+        environments.load_environment(cfg.env, ENVIRONMENTS)
+    rewards.check_config(cfg.reward, env=bool(cfg.env))
+
+
+def start_sampling(trainer):
+    """What a trainer that samples holds besides its models: ``env`` (the environment's episode
+    runner, ``env=``), ``rewards`` (the functions, and the reward models, sharded like the policy)
+    and the colocated ``sampler``, built from the policy."""
+    cfg, t = trainer.cfg, trainer
+    t.env = None
+    if cfg.env:
+        t.env = environments.EpisodeRunner(environments.load_environment(cfg.env, ENVIRONMENTS), t.tokenizer,
+                                           cfg.max_turns, cfg.max_length, cfg.max_prompt_length, cfg.env_timeout_s)
+    t.rewards = rewards.Rewards(cfg.reward, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
+                                env=t.env is not None)
+    t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
+    for path in cfg.reward.models:
+        model_cfg = models.config_for(cfg, path)
+        scorer = t.models.scorer(model_cfg).requires_grad_(False).eval()
+        t.rewards.add_model(path, scorer, models.load_tokenizer(model_cfg))
 
 
 def sample_rollout(trainer) -> tuple[Rollout, dict]:
@@ -871,7 +664,7 @@ def sample_rollout(trainer) -> tuple[Rollout, dict]:
     t = time.perf_counter()
     # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
     params = SamplingParams(n=loss.n_samples_per_prompt, seed=trainer.cfg.seed * 1_000_003 + step, **loss.sampling)
-    rollout = trainer.sample(mine, params)
+    rollout = rollout_of(trainer.sampler, mine, params, trainer.tokenizer.eos_token_id, trainer.env)
     timing["generate"], t = time.perf_counter() - t, time.perf_counter()
     trainer.rewards.score(rollout)
     timing["score"] = time.perf_counter() - t
@@ -900,8 +693,9 @@ class PolicyGradientTrainer(Trainer):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
+        start_sampling(self)
         loss = cfg.loss
-        self.reference = self.frozen_copy(cfg.model) if loss.kl_coef > 0 else None
+        self.reference = self.models.frozen(cfg.model, self.model) if loss.kl_coef > 0 else None
         if loss.kl_target:
             self.kl_ctl = AdaptiveKLController(loss.kl_coef, loss.kl_target, loss.kl_horizon)
         else:
@@ -941,8 +735,8 @@ class PolicyGradientTrainer(Trainer):
         loss = self.cfg.loss
         return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
 
-    def subset(self, data: Rollout, indices: list[int]) -> Rollout:
-        return data.select(indices)
+    def eval_metrics(self) -> dict:
+        return evaluation.reward_eval(self)
 
     def collate(self, rollout: Rollout) -> dict:
         fields = tuple(f for f in TOKEN_FIELDS if getattr(rollout, f) is not None)
@@ -960,24 +754,26 @@ class PolicyGradientTrainer(Trainer):
 
     def train_step(self) -> dict:
         loss, start = self.cfg.loss, time.perf_counter()
-        # 1-3. sample this step's prompts, score the completions, gather the whole rollout everywhere
+        # 1. sample this step's prompts and score the completions: the whole rollout on every rank
         rollout, timing = sample_rollout(self)
         record, n_sampled = self.rewards.metrics(rollout), len(rollout)
+        # 2. the samples to train on (GRPO's filter_groups: the groups whose scores differ)
         kept = self.keep(rollout)
         if kept is not None:
             rollout = rollout.select(kept)
             record["rollout/kept_fraction"] = len(rollout) / n_sampled
-        # 4. pi_old's and the reference's log-probs (and the critic's values) of every sample
+        # 3. per completion token: pi_old's and the reference's log-probs, the critic's values
         t = time.perf_counter()
         self.score_tokens(rollout)
         timing["logprobs"], t = time.perf_counter() - t, time.perf_counter()
         if len(rollout):  # (keep can leave none: then the iteration trains on nothing)
-            # 5. KL, advantages and importance weights of the whole rollout (the same on every rank)
+            # 4. per token: the KL to the reference, the advantages, the importance weights
             record.update(self.estimate(rollout))
             if loss.save_rollouts and distributed.is_main():
                 checkpointing.write_jsonl(self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl", rollout.sample_rows())
-        # 6. ppo_epochs passes over it in mini-batches of batch_size samples, an update each
+        # 5. ppo_epochs passes over it in mini-batches of batch_size samples, an update each (loss)
         record.update(self.train_epochs(rollout, loss.ppo_epochs))
+        # 6. the adaptive KL coefficient moves toward its target
         if len(rollout):
             self.kl_ctl.update(record["rollout/kl"], len(rollout))
         timing["train"] = time.perf_counter() - t
@@ -986,68 +782,38 @@ class PolicyGradientTrainer(Trainer):
         record.update({"timing/iteration": elapsed, "samples_per_s": n_sampled / elapsed, "kl_coef": self.kl_ctl.value})
         return record
 
+    def score_tokens(self, rollout: Rollout):
+        """Collective: per completion token, pi_old's and the reference's log-probs (at the sampling
+        temperature) and the critic's values, into ``rollout`` (``logprobs.score_tokens``)."""
+        scorers = {"old_logps": lambda batch: self.policy_logps(self.model, batch)[0]}
+        if self.reference is not None:
+            scorers["ref_logps"] = lambda batch: self.policy_logps(self.reference, batch)[0]
+        if self.critic is not None:
+            scorers["old_values"] = lambda batch: self.critic(batch["input_ids"], batch["position_ids"])[0].float()
+        frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
+        logprobs.score_tokens(rollout, self.collate, self.forward_size(), scorers, frozen)
+
+    def estimate(self, rollout: Rollout) -> dict:
+        """Per token of ``rollout``: the KL to the reference, the advantages (``advantages``) and the
+        truncated importance weights; their metrics."""
+        loss = self.cfg.loss
+        rollout.kl = torch.zeros_like(rollout.old_logps)
+        if self.reference is not None:
+            rollout.kl = kl_penalty(rollout.old_logps, rollout.ref_logps, loss.kl_estimator) * rollout.mask
+        self.advantages(rollout)
+        rollout.is_weight = importance_weights(rollout.old_logps, rollout.sampler_logps, rollout.mask, loss.tis_cap,
+                                               self.sequence_level())
+        return rollout_stats(rollout)
+
     def policy_logps(self, model, batch: dict, **entropy):
         """Log-probs at the sampling temperature: the policy being optimised is the distribution the
         samples were drawn from, softmax(logits / T), as in verl and OpenRLHF; the sampler reports
         its log-probs of that same distribution (sampler.py)."""
         return self.token_logps(model, batch, self.cfg.loss.sampling.temperature, **entropy)
 
-    @torch.no_grad()
-    def score_tokens(self, rollout: Rollout):
-        """Collective: per completion token, pi_old's and the reference's log-probs (at the sampling
-        temperature) and the critic's values, into ``rollout``; each rank computes a share."""
-
-        def forward(chunk: list[int]) -> list[dict]:
-            part = rollout.select(chunk)
-            batch, n = self.collate(part), len(part)
-            out = {"old_logps": unpack(self.policy_logps(self.model, batch)[0], batch, n)}
-            if self.reference is not None:
-                ref = self.policy_logps(self.reference, batch)[0]
-                out["ref_logps"] = unpack(ref, batch, n)
-            if self.critic is not None:
-                out["old_values"] = unpack(self.critic(batch["input_ids"], batch["position_ids"])[0].float(), batch, n)
-            # unpack gives the values at the trained tokens only: lay them out over all the completion's
-            # tokens (a multi-turn episode's observations between the replies get 0)
-            trained = [part.mask[i, : part.lengths[i]] > 0 for i in range(n)]
-            return [{name: torch.zeros(len(trained[i])).masked_scatter(trained[i], values[i].float().cpu())
-                     for name, values in out.items()} for i in range(n)]
-
-        frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
-        mine = distributed.lockstep(forward, distributed.share(list(range(len(rollout)))), self.forward_size(),
-                                    stand_in=0, frozen=frozen)
-        computed = distributed.gather(mine)
-        width = rollout.tokens.shape[1]
-        for name in computed[0] if computed else ():
-            setattr(rollout, name, torch.stack([F.pad(c[name], (0, width - len(c[name]))) for c in computed]))
-
     def reward_kl_coef(self) -> float:
         """The KL coefficient in the reward (0 when the KL is in the loss instead)."""
         return self.kl_ctl.value if self.cfg.loss.kl_in_reward else 0.0
-
-    def estimate(self, rollout: Rollout) -> dict:
-        """KL, advantages (``advantages``) and importance weights of the rollout; its metrics."""
-        loss, mask = self.cfg.loss, rollout.mask
-        # both of the tempered policy (an empty completion's end-of-turn token has no sampler log-prob)
-        old, sampler = rollout.old_logps, torch.where(torch.isnan(rollout.sampler_logps), rollout.old_logps,
-                                                      rollout.sampler_logps)
-        rollout.kl = torch.zeros_like(old)
-        if self.reference is not None:
-            rollout.kl = kl_penalty(old, rollout.ref_logps, loss.kl_estimator) * mask
-        self.advantages(rollout)
-        if not loss.tis_cap:
-            rollout.is_weight = torch.ones_like(old)
-        elif self.sequence_level():  # the completion's probability ratio, the same for each of its tokens
-            seq_weight = truncated_is_weight(((old - sampler) * mask).sum(1), torch.zeros(len(rollout)), loss.tis_cap)
-            rollout.is_weight = seq_weight[:, None] * mask + (1 - mask)
-        else:
-            rollout.is_weight = truncated_is_weight(old, sampler, loss.tis_cap, mask)
-        record = {"rollout/kl": rollout.kl.sum(1).mean().item(),
-                  "rollout/advantage_mean": masked_mean(rollout.advantages, mask).item(),
-                  "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
-                  "rollout/is_weight_mean": masked_mean(rollout.is_weight, mask).item()}
-        if self.critic is not None:
-            record["critic/explained_variance"] = explained_variance(rollout.old_values, rollout.returns, mask).item()
-        return record
 
     def loss(self, batch: dict, rollout: Rollout) -> tuple[torch.Tensor, dict]:
         """Summed over the micro-batch with ``aggregation_weights``: divided by the global
@@ -1089,9 +855,8 @@ class PPOTrainer(PolicyGradientTrainer):
         super().__init__(cfg, device)
         loss = cfg.loss
         init = loss.critic_init
-        critic_cfg = (cfg.model if init == "policy"
-                      else self.model_config(cfg.reward.models[0] if init == "reward" else init))
-        self.critic = self.build_model(critic_cfg, load=self.load_scorer)
+        critic_cfg = cfg.model if init == "policy" else models.config_for(cfg, cfg.reward.models[0] if init == "reward" else init)
+        self.critic = self.models.scorer(critic_cfg)
         self.critic_optimizer, self.critic_scheduler = self.optimizer_for(self.critic, loss.critic_lr)
 
     def check_config(self):
@@ -1099,7 +864,7 @@ class PPOTrainer(PolicyGradientTrainer):
         if self.cfg.loss.critic_init == "reward" and not self.cfg.reward.models:
             raise ValueError("loss.critic_init=reward needs a reward model (reward.models); or set loss.critic_init=policy")
         if self.cfg.loss.critic_init not in ("reward", "policy"):  # a model directory: checked before anything is built
-            models.model_config(self.model_config(self.cfg.loss.critic_init), key="loss.critic_init")
+            models.model_config(models.config_for(self.cfg, self.cfg.loss.critic_init), key="loss.critic_init")
 
     def advantages(self, rollout: Rollout):
         loss, mask = self.cfg.loss, rollout.mask
@@ -1196,6 +961,10 @@ def online(base):
         row_format = "prompt"
         starts_from_a_model = True
 
+        def __init__(self, cfg, device):
+            super().__init__(cfg, device)
+            start_sampling(self)
+
         def make_data(self, rollout: Rollout) -> list[dict]:
             """Collective: the examples this iteration trains on, from the whole scored rollout."""
             raise NotImplementedError
@@ -1206,6 +975,9 @@ def online(base):
 
         def examples_per_step(self) -> int:
             return self.cfg.loss.rollout_batch_size
+
+        def eval_metrics(self) -> dict:
+            return evaluation.reward_eval(self)
 
         def updates_per_step(self) -> int:
             loss = self.cfg.loss

@@ -17,7 +17,7 @@ import logging
 import weakref
 from collections import Counter
 
-from data import DataError, origin
+from data import DataError, load_rows, origin
 
 IGNORE = -100
 log = logging.getLogger("train")
@@ -207,3 +207,20 @@ def tokenize_prompts(rows: list[dict], tokenizer, limits, source: str, mode: str
 
 # a trainer's ``row_format`` -> the function that tokenizes its rows
 TOKENIZERS = {"sft": tokenize_sft, "pref": tokenize_pairs, "prompt": tokenize_prompts}
+
+
+def load_examples(cfg, split: str, shape: str, tokenizer) -> list[dict]:
+    """The tokenized examples of ``cfg.datasets``' ``split`` in row ``shape``, warned about what
+    truncation and templating dropped or cut."""
+    from omegaconf import OmegaConf
+
+    examples = []
+    for name in cfg.datasets:
+        rows = load_rows(name, split, shape, paths=OmegaConf.to_container(cfg.data.paths),
+                         keys=OmegaConf.to_container(cfg.data.columns))
+        source = f"{name} ({split})"
+        tokenized, stats = TOKENIZERS[shape](rows, tokenizer, cfg, source, cfg.data.truncation_mode)
+        if sum(stats.values()):
+            log.warning(f"{source}: of {len(rows)} rows, " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items()))
+        examples += tokenized
+    return examples

@@ -287,6 +287,34 @@ def truncated_is_weight(old_logp, sampler_logp, cap: float, mask=None):
         return torch.clamp(torch.exp(log_w * mask), max=cap) * mask + (1 - mask)
 
 
+def importance_weights(old_logps, sampler_logps, mask, cap: float | None, sequence_level: bool = False):
+    """[N, T] truncated importance weights exp(pi_old - pi_sampler) capped at ``cap``
+    (``truncated_is_weight``; 1 everywhere without a cap): per token, or with ``sequence_level``
+    the completion's probability ratio, the same for each of its tokens. A token the sampler gave
+    no log-prob (NaN: an empty completion's end-of-turn token) counts as agreeing."""
+    sampler = torch.where(torch.isnan(sampler_logps), old_logps, sampler_logps)
+    if not cap:
+        return torch.ones_like(old_logps)
+    if sequence_level:
+        weight = truncated_is_weight(((old_logps - sampler) * mask).sum(1), torch.zeros(len(mask)), cap)
+        return weight[:, None] * mask + (1 - mask)
+    return truncated_is_weight(old_logps, sampler, cap, mask)
+
+
+def rollout_stats(rollout) -> dict:
+    """The metrics of a rollout whose KL, advantages and importance weights are in (and the
+    critic's explained variance where it has values and returns)."""
+    mask, old = rollout.mask, rollout.old_logps
+    sampler = torch.where(torch.isnan(rollout.sampler_logps), old, rollout.sampler_logps)
+    record = {"rollout/kl": rollout.kl.sum(1).mean().item(),
+              "rollout/advantage_mean": masked_mean(rollout.advantages, mask).item(),
+              "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
+              "rollout/is_weight_mean": masked_mean(rollout.is_weight, mask).item()}
+    if rollout.old_values is not None:
+        record["critic/explained_variance"] = explained_variance(rollout.old_values, rollout.returns, mask).item()
+    return record
+
+
 def value_loss(values, old_values, returns, mask, clip: float | None):
     """The critic's loss with PPO value clipping (OpenAI baselines ppo2, TRL):
 

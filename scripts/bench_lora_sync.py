@@ -108,7 +108,7 @@ def set_adapters(model, iteration: int, b_std: float):
 
 def adapter_tensors(model) -> dict:
     """The adapters, gathered whole, under peft's saved names (``.default`` dropped)."""
-    from distributed import full_tensor
+    from models import full_tensor
     from sampler import _clean_name
 
     return {_clean_name(name).replace(".default.", "."): full_tensor(p).clone()

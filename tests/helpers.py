@@ -117,14 +117,20 @@ PPO_CRITIC = ("loss.critic_init=policy", "loss.critic_lr=1e-3")  # no reward mod
 # --- RL runs in ranks (test_rl_trainer, test_environments) ---------------------------------------
 
 class FixedCompletions:
-    """Samples that depend on the prompt alone, whatever the rank: the right answer, then a wrong
-    one, with made-up sampler log-probs; the first prompt's (wrong) last sample is empty. Mixed
-    into the trainer class that ``loss.trainer`` names (``with_fixed_completions``)."""
+    """A sampler whose samples depend on the prompt alone, whatever the rank: the right answer,
+    then a wrong one, with made-up sampler log-probs; the first prompt's (wrong) last sample is
+    empty. It stands in for the trainer's sampler (``with_fixed_completions``), which still syncs."""
 
-    def complete(self, examples, params):
+    def __init__(self, trainer):
+        self.real, self.tokenizer = trainer.sampler, trainer.tokenizer
+        self.answers = {tuple(ex["prompt_ids"]): ex["row"]["answer"]
+                        for ex in trainer.train_examples + trainer.eval_examples}
+        self.first_answer = trainer.train_examples[trainer.global_batch(0)[0]]["row"]["answer"]
+
+    def generate(self, prompts, params):
         outs = []
-        for ex in examples:
-            answer, group = ex["row"]["answer"], []
+        for prompt in prompts:
+            answer, group = self.answers[tuple(prompt)], []
             for k in range(params.n):
                 text = answer if k % 2 == 0 else str(int(answer) + 1 + k)
                 ids = response_ids(self.tokenizer, text)
@@ -134,15 +140,18 @@ class FixedCompletions:
             outs.append(group)
         return outs
 
-    @property
-    def first_answer(self):
-        return self.train_examples[self.global_batch(0)[0]]["row"]["answer"]
+    def sync_weights(self, model):
+        return self.real.sync_weights(model)
+
+    def close(self):
+        self.real.close()
 
 
 def with_fixed_completions(cfg):
-    """The trainer of ``cfg``, with ``FixedCompletions`` instead of its sampler's."""
-    cls = TRAINERS[cfg.loss.trainer]
-    return type(f"Fixed{cls.__name__}", (FixedCompletions, cls), {})(cfg, distributed.device())
+    """The trainer of ``cfg``, with ``FixedCompletions`` instead of its sampler."""
+    trainer = TRAINERS[cfg.loss.trainer](cfg, distributed.device())
+    trainer.sampler = FixedCompletions(trainer)
+    return trainer
 
 
 class Crash(Exception):

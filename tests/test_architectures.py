@@ -82,7 +82,7 @@ def build_run(rank, world, overrides):
         trainer = TRAINERS[cfg.loss.trainer](cfg, torch.device("cpu"))
     except models.ConfigError as e:
         return f"refused: {e}"
-    return f"packs={trainer.packs}"
+    return f"packs={trainer.models.packs}"
 
 
 @pytest.mark.parametrize("packing", ["true", "auto"])

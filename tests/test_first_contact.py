@@ -203,7 +203,7 @@ def test_a_conversation_the_chat_template_refuses_names_its_row(tmp_path):
 def test_an_eval_of_nothing_is_not_logged_as_zero(tmp_path, caplog):
     """Defect 3 of #26: one eval example on 2 ranks (each rank evaluates as many: none) logged
     ``eval/loss=0.0000``, a perfect score, at every eval. It is now left out, with a warning."""
-    import trainers
+    import metrics_log
 
     data = sft_file(tmp_path / "one_eval_row.jsonl", 20)  # row index 19 is the one test row
     run_dir = tmp_path / "run"
@@ -212,7 +212,7 @@ def test_an_eval_of_nothing_is_not_logged_as_zero(tmp_path, caplog):
     assert [r["step"] for r in records if "loss/train" in r] == [1, 2]
     assert not [r for r in records if "eval/loss" in r], records
     with caplog.at_level("WARNING", logger="train"):
-        assert trainers.means({"loss": (0.0, 0.0), "tokens": (0.0, 0.0), "kl": (3.0, 2.0)}, "eval/{}", 5,
+        assert metrics_log.means({"loss": (0.0, 0.0), "tokens": (0.0, 0.0), "kl": (3.0, 2.0)}, "eval/{}", 5,
                               " (why)") == {"eval/kl": 1.5}
     assert caplog.messages == ["step 5: eval/loss is a mean over nothing (why): not logged"]
 

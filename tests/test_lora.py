@@ -64,7 +64,7 @@ def reference_vs_explicit(rank, world, overrides):
     trainer = TRAINERS[cfg.loss.trainer](cfg, torch.device("cpu"))
     trainer.train()
     assert isinstance(trainer.reference, models.AdapterOff)
-    explicit = trainer.build_model(cfg.model).requires_grad_(False).eval()  # tiny's random init, seed 0
+    explicit = trainer.models.build(cfg.model).requires_grad_(False).eval()  # tiny's random init, seed 0
     batch = trainer.collate(trainer.eval_examples[:8])
     with torch.no_grad():
         got, want, policy = (trainer.token_logps(m, batch)[0] for m in (trainer.reference, explicit, trainer.model))
@@ -128,7 +128,7 @@ def grpo_reference_vs_explicit(rank, world, overrides):
     cfg = make_cfg(*overrides)
     trainer = TRAINERS[cfg.loss.trainer](cfg, torch.device("cpu"))
     trainer.train()
-    explicit = trainer.build_model(cfg.model).requires_grad_(False).eval()
+    explicit = trainer.models.build(cfg.model).requires_grad_(False).eval()
     examples = [{"input_ids": ex["prompt_ids"] + [5, 6, 7, 8], "labels": [-100] * len(ex["prompt_ids"]) + [5, 6, 7, 8]}
                 for ex in trainer.eval_examples[:4]]
     batch = pack(examples, 256, pad_id=0)

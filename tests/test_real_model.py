@@ -239,7 +239,7 @@ def test_grpo_on_vllm_samples_what_the_trainer_scores_and_greedy_equals_hf(tmp_p
 def build_run(rank, world, overrides):
     cfg = make_cfg(*overrides)
     trainer = TRAINERS[cfg.loss.trainer](cfg, torch.device("cpu"))
-    return trainer.packs, cfg.model.fsdp_policy_mp
+    return trainer.models.packs, cfg.model.fsdp_policy_mp
 
 
 def test_the_default_configuration_accepts_the_real_model_in_bf16(tmp_path, files):

@@ -17,7 +17,7 @@ import models
 from conftest import make_cfg, run_ranks
 from data.tokenize import prompt_ids, response_ids
 from data.toy import add_answer
-from helpers import assert_same_run, metrics, rl_overrides, rl_run, with_fixed_completions
+from helpers import FixedCompletions, assert_same_run, metrics, rl_overrides, rl_run, with_fixed_completions
 from rollout import Rollout
 from sampler import Sample, SamplingParams
 from trainers import TRAINERS, GRPOTrainer
@@ -67,14 +67,14 @@ def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
             torch.testing.assert_close(a[k], b[k], msg=k)
 
 
-class EvenAnswersAllRight(GRPOTrainer):
+class EvenAnswersAllRight(FixedCompletions):
     """Prompts with an even answer get only right answers (their samples all score 1); the others
     alternate the right answer and a wrong one."""
 
-    def complete(self, examples, params):
+    def generate(self, prompts, params):
         outs = []
-        for ex in examples:
-            answer = ex["row"]["answer"]
+        for prompt in prompts:
+            answer = self.answers[tuple(prompt)]
             texts = [answer if int(answer) % 2 == 0 or k % 2 == 0 else str(int(answer) + 1) for k in range(params.n)]
             ids = [response_ids(self.tokenizer, t) for t in texts]
             outs.append([Sample(i, t, [-0.5] * len(i), "stop") for i, t in zip(ids, texts)])
@@ -82,7 +82,8 @@ class EvenAnswersAllRight(GRPOTrainer):
 
 
 def filter_run(rank, world, overrides):
-    trainer = EvenAnswersAllRight(make_cfg(*overrides), distributed.device())
+    trainer = GRPOTrainer(make_cfg(*overrides), distributed.device())
+    trainer.sampler = EvenAnswersAllRight(trainer)
     trainer.train()
     answers = [[trainer.train_examples[i]["row"]["answer"] for i in trainer.global_batch(step)] for step in range(2)]
     weights = checkpointing.full_state_dict(trainer.model)  # collective
@@ -263,7 +264,7 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, si
                                  "reward.functions=[]"))
     trainer = with_fixed_completions(cfg)
     examples = trainer.train_examples[:3]
-    outs = trainer.complete(examples, SamplingParams(n=2))
+    outs = trainer.sampler.generate([ex["prompt_ids"] for ex in examples], SamplingParams(n=2))
     cut = outs[0][1]  # cut before the end-of-turn token
     outs[0][1] = Sample(cut.token_ids[:-1], cut.text, cut.logprobs[:-1], cut.finish_reason)
     rollout = Rollout.of(examples, outs, trainer.tokenizer.eos_token_id)
@@ -288,7 +289,8 @@ def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, singl
     cfg = make_cfg(*rl_overrides(tmp_path / "t", "grpo", "loss.sampling.temperature=2.0"))
     trainer = with_fixed_completions(cfg)
     examples = trainer.train_examples[:3]
-    rollout = Rollout.of(examples, trainer.complete(examples, SamplingParams(n=2)), trainer.tokenizer.eos_token_id)
+    outs = trainer.sampler.generate([ex["prompt_ids"] for ex in examples], SamplingParams(n=2))
+    rollout = Rollout.of(examples, outs, trainer.tokenizer.eos_token_id)
     trainer.score_tokens(rollout)
     samples = [{"prompt_ids": rollout.prompt_ids[i], "response_ids": rollout.response(i),
                 "old_logps": rollout.old_logps[i, : rollout.lengths[i]].tolist(),
