@@ -1,9 +1,13 @@
-"""Run every command of README.md as written, in order, and say what each did.
+"""Run every command of README.md and of the docs pages as written, in order, and say what each did.
 
     python scripts/check_readme.py [--quick] [--only PATTERN] [--out readme_commands.json]
 
-A command is a line of an indented code block that starts with a program (``torchrun``,
-``python``, ``.venv/bin/python``, ``bash``, ``mkdir``, ...), joined with its ``\\`` continuations.
+The pages are read in a fixed order, README.md then ``DOCS``, chosen so that a command comes after
+the ones that write what it reads (``runs/readme/sft`` before the stages that start from it); a
+command repeated verbatim on a later page (the README's real-model command, also in
+docs/training.md) runs once, where it first appears. A command is a line of an indented code
+block that starts with a program (``torchrun``, ``python``, ``.venv/bin/python``, ``bash``,
+``mkdir``, ...), joined with its ``\\`` continuations.
 They run from a scratch directory of symlinks to this repository (so their ``runs/readme/`` goes
 there, not into your checkout), with ``.venv/bin`` first on PATH as ``source .venv/bin/activate``
 would put it. ``--quick`` appends size overrides only (fewer examples, iterations, tokens; see
@@ -27,6 +31,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The docs pages, in the order their commands run (after README.md's): a page whose commands read
+# runs/readme/<x> comes after the page that writes it (training -> preference -> rl -> ai-feedback).
+# tests/test_readme.py fails on a docs/*.md missing from this list.
+DOCS = [
+    "docs/demos.md",
+    "docs/training.md",
+    "docs/run-integrity.md",
+    "docs/multi-node.md",
+    "docs/preference.md",
+    "docs/lora.md",
+    "docs/rl.md",
+    "docs/environments.md",
+    "docs/ai-feedback.md",
+    "docs/benchmarks.md",
+    "docs/memory.md",
+    "docs/design.md",
+]
+PAGES = ["README.md", *DOCS]
 PROGRAMS = ("torchrun", "python", ".venv/bin/python", "bash", "mkdir", "source", "sbatch")
 
 # (what a command starts with or contains, why this check does not run it)
@@ -34,6 +56,8 @@ SKIP = [
     ("bash scripts/setup.sh", "the two commands: CI runs the test one on a fresh checkout; the demos take 8-15 minutes"),
     ("scripts/bench_real.py", "7 minutes on the real model"),
     ("source .venv/bin/activate", "shell set-up: the check puts .venv/bin first on PATH instead"),
+    ("scripts/demo_agents.sh", "the multi-turn demo, 10 minutes: tests/test_environments.py and "
+                               "tests/test_real_model.py train env= episodes"),
     ("sbatch", "needs slurm: tests/test_slurm_launch.py runs the sbatch files under a fake slurm"),
     ("/path/to/", "a template for your own weights"),
 ]
@@ -69,6 +93,12 @@ def commands(readme: str) -> list[str]:
             command = command[:-1].rstrip() + " " + lines[j].strip()
         found.append(re.sub(r"\s+#.*$", "", command))  # a trailing shell comment
     return found
+
+
+def all_commands(root: Path = REPO) -> list[str]:
+    """The commands of every page in ``PAGES`` order, each once (where it first appears)."""
+    found = [c for page in PAGES for c in commands((root / page).read_text())]
+    return list(dict.fromkeys(found))
 
 
 def skip_reason(command: str) -> str | None:
@@ -167,7 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", default=None, help="run in this directory (kept) instead of a temporary one")
     parser.add_argument("--out", default="readme_commands.json")
     args = parser.parse_args(argv)
-    found = commands((REPO / "README.md").read_text())
+    found = all_commands()
     if args.only:
         found = [c for c in found if re.search(args.only, c)]
     with tempfile.TemporaryDirectory(prefix="readme-") as tmp:

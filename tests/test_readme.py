@@ -1,7 +1,9 @@
-"""Every command of README.md runs as written (with only its sizes shrunk), in the README's order,
-each reading what the earlier ones wrote: the docs cannot drift from the code again."""
+"""Every command of README.md and of the docs pages runs as written (with only its sizes shrunk), in
+the pages' order (``check_readme.PAGES``), each reading what the earlier ones wrote: the docs cannot
+drift from the code again. Every docs page is in that order, and every relative link resolves."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 import check_readme  # noqa: E402
 
-COMMANDS = check_readme.commands((REPO / "README.md").read_text())
+COMMANDS = check_readme.all_commands()
 
 
 def test_commands_are_found_whole_and_in_order():
@@ -30,8 +32,92 @@ def test_commands_are_found_whole_and_in_order():
     losses = {c.split("loss=")[1].split()[0] for c in run if "train.py" in c}
     assert losses == {"sft", "rm", "dpo", "ppo", "grpo", "online_dpo", "raft"}
     skipped = [c for c in COMMANDS if check_readme.skip_reason(c)]
-    assert all(c.startswith(("bash scripts/setup.sh", "source", "sbatch")) or "/path/to/" in c
-               or "scripts/bench_real.py" in c for c in skipped), skipped
+    assert all(c.startswith(("bash scripts/setup.sh", "source", "sbatch", "bash scripts/demo_agents.sh"))
+               or "/path/to/" in c or "scripts/bench_real.py" in c for c in skipped), skipped
+    assert len(COMMANDS) == len(set(COMMANDS))  # a command repeated on a later page runs once
+
+
+def test_every_docs_page_is_in_the_checked_order():
+    """A new docs page cannot escape the command check: every docs/*.md is in ``DOCS`` (and each
+    listed page exists), and README.md comes first."""
+    pages = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))
+    assert sorted(check_readme.DOCS) == pages
+    assert len(set(check_readme.DOCS)) == len(check_readme.DOCS)
+    assert check_readme.PAGES[0] == "README.md"
+
+
+def writes(command: str) -> list[str]:
+    return re.findall(r"(?:\brun_dir=|--out )(runs/readme/\S+)", command)
+
+
+def test_each_command_comes_after_what_it_reads():
+    """The order of the pages keeps the chain: a command that reads ``runs/readme/<x>`` (an archive,
+    a reward model, a samples file) comes after the command that writes it. Checked without running
+    anything, so a reordering of ``DOCS`` fails here in a second, not minutes into the run."""
+    written = []
+    for command in COMMANDS:
+        if check_readme.skip_reason(command):
+            continue
+        own = writes(command)
+        for path in re.findall(r"runs/readme/[\w./-]+", command):
+            if path not in own:
+                assert any(path == w or path.startswith(w + "/") for w in written), (path, command)
+        written += own
+    assert "runs/readme/sft" in written and "runs/readme/samples.jsonl" in written
+
+
+def markdown_pages():
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    seen, found = {}, set()
+    for line in text.splitlines():
+        m = re.match(r"#+ (.*)", line)
+        if m:
+            a = anchor(m.group(1))
+            found.add(a if a not in seen else f"{a}-{seen[a]}")
+            seen[a] = seen.get(a, 0) + 1
+    return found
+
+
+def links(text: str) -> list[str]:
+    """The targets of the markdown links of a page, outside code blocks and code spans."""
+    prose = [line for line in text.splitlines() if not line.startswith("    ")]
+    return re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", "\n".join(prose)))
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_to_existing_files(page):
+    """Every relative link of README.md and docs/*.md names a file that exists, and a link to a
+    heading (``page.md#heading``) names a heading of that page."""
+    found = links(page.read_text())
+    if page.name == "README.md":
+        assert {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} <= set(found)  # links to every page
+    for target in found:
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.exists(), f"{page.relative_to(REPO)}: {target} does not exist"
+        if fragment and file.suffix == ".md":
+            assert fragment in anchors(file.read_text()), f"{page.relative_to(REPO)}: no heading #{fragment} in {path or page.name}"
+
+
+def test_the_readme_stage_table_commands_are_checked():
+    """The landing page's table of stages shows one command each as inline code; each is a command
+    some page runs (or lists as skipped), verbatim, so the table is tested too."""
+    table = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("|")]
+    shown = [c for line in table for c in re.findall(r"`([^`]+)`", line)
+             if c.split(" ", 1)[0] in check_readme.PROGRAMS]
+    assert len(shown) >= 8, shown
+    for command in shown:
+        assert command in COMMANDS, command
 
 
 def test_every_readme_command_runs_as_written(tmp_path):
