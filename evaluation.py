@@ -15,7 +15,7 @@ import distributed
 from data.tokenize import IGNORE, prompt_ids
 from metrics_log import means
 from rollout import Rollout
-from sampler import SamplingParams, rollout_of
+from sampler import SamplingParams, rollout_of, sampling_params
 
 log = logging.getLogger("train")
 
@@ -43,9 +43,10 @@ def task_scores(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: i
     return [reward_fn(r["prompt"], c) for r, c in zip(rows, completions)]
 
 
-def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int, max_length: int,
+def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int, max_length: int, timeout_s: float,
                    max_new_tokens: int = 16) -> tuple[list[float], dict]:
-    """Greedy episodes of ``env`` on ``rows`` (prompt rows) with HF ``generate``: each episode's
+    """Greedy episodes of ``env`` on ``rows`` (prompt rows) with HF ``generate``, an environment
+    call slower than ``timeout_s`` failing its episode (as ``env_timeout_s`` in training): each episode's
     0/1 score (the environment's ``info["solved"]``), and its ``info`` values and turns averaged
     over all episodes (``info``) and over the solved ones (``info_when_solved``)."""
     from types import SimpleNamespace
@@ -54,12 +55,12 @@ def episode_scores(model, tokenizer, rows: list[dict], env: str, max_turns: int,
     from data.toy_env import ENVIRONMENTS
     from environments import EpisodeRunner, load_environment
     from rollout import info_means
-    from sampler import HFSampler, SamplingParams
+    from sampler import HFSampler
 
     limits = SimpleNamespace(max_length=max_length, max_prompt_length=max_length - max_new_tokens)
     examples, _ = tokenize_prompts(rows, tokenizer, limits, env)
     runner = EpisodeRunner(load_environment(env, ENVIRONMENTS), tokenizer, max_turns, max_length,
-                           limits.max_prompt_length, timeout_s=30.0)
+                           limits.max_prompt_length, timeout_s)
     rollout = runner.rollout(HFSampler(model, tokenizer), examples, 1,
                              SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     solved = [float(bool(e.info.get("solved"))) for e in rollout.episodes]
@@ -141,7 +142,7 @@ def sample_eval(trainer) -> dict:
     record = {"timing/weight_sync": trainer.sampler.sync_weights(trainer.model)}
     examples = trainer.eval_examples[: trainer.cfg.n_eval_model_samples]
     prompts = [seq["input_ids"][: prompt_length(seq)] for seq in (trainer.sequences(ex)[0] for ex in examples)]
-    completions = sample_completions(trainer.sampler, prompts, SamplingParams(**trainer.cfg.eval_sampling))
+    completions = sample_completions(trainer.sampler, prompts, sampling_params(trainer.cfg.eval_sampling, "eval_sampling"))
     trainer.model.eval()
     accuracy = verified_fraction(trainer.cfg.datasets, [ex["prompt"] for ex in examples], completions)
     if accuracy is not None:
@@ -158,8 +159,8 @@ def reward_eval(trainer) -> dict:
     trainer.sampler.sync_weights(trainer.model)
     world, step = trainer.world, trainer.step
     examples = trainer.eval_examples[: len(trainer.eval_examples) // world * world]
-    rollout = rollout_of(trainer.sampler, distributed.share(examples), SamplingParams(**trainer.cfg.eval_sampling),
-                         trainer.tokenizer.eos_token_id, trainer.env)
+    params = sampling_params(trainer.cfg.eval_sampling, "eval_sampling")
+    rollout = rollout_of(trainer.sampler, distributed.share(examples), params, trainer.tokenizer.eos_token_id, trainer.env)
     trainer.rewards.score(rollout)
     rollout = Rollout.cat(distributed.gather([rollout]))
     if not len(rollout):

@@ -30,6 +30,17 @@ DPO_REPO = {
 }
 
 
+# Keys renamed so that one name means one thing: per loss, the old name and the new one. (beta was
+# DPO's KL strength, IPO's tau, SimPO's scale and ORPO's weight; gamma SimPO's margin and a discount;
+# margin the reward model's and online DPO's score gap; ppo_epochs and epochs_per_iteration one thing.)
+RENAMED = {
+    "loss.beta": {"ipo": "loss.tau", "simpo": "loss.reward_scale", "orpo": "loss.odds_ratio_weight"},
+    "loss.gamma": {"simpo": "loss.target_margin"},
+    "loss.margin": {"online_dpo": "loss.min_score_gap"},
+    "loss.ppo_epochs": {name: "loss.epochs_per_iteration" for name in ("ppo", "grpo", "rloo", "reinforce_pp")},
+}
+
+
 class OverrideError(ValueError):
     """An override that cannot mean what the user wants."""
 
@@ -92,6 +103,10 @@ def check(argv: list[str], warn=print) -> list[str]:
         if key.startswith("+"):
             warn(f"warning: {arg} adds the key {bare}, which no config file has: nothing may read it")
             continue
+        renamed = RENAMED.get(bare, {}).get(cfg.loss.name)
+        if renamed:
+            raise OverrideError(f"{bare} (in {arg}) is called {renamed} under loss={cfg.loss.name} (renamed: the old name "
+                                f"meant different things in different losses): write {renamed}={arg.split('=', 1)[1]}")
         if bare in elsewhere:
             raise OverrideError(f"{bare} (in {arg}) is not an option of loss={cfg.loss.name}: it is one of "
                                 f"loss={', loss='.join(elsewhere[bare])}")
@@ -109,3 +124,31 @@ def epochs_to_examples(save_every, n_train: int):
     if not match:
         raise OverrideError(f"save_every={save_every}: expected a number of examples or epoch_<N>")
     return int(match.group(1)) * n_train
+
+
+def check_schema(node, schema, key: str, what: str):
+    """``node``, the config section named ``key``, against ``schema``: a dataclass of exactly its
+    keys with their types (a nested dataclass for a nested section). Returns the section as a
+    ``schema`` instance (its ``__post_init__`` checks run); a mistake is an ``OverrideError`` of one
+    line: a key that is not ``what`` (with the closest one), a value of the wrong type, a missing key."""
+    import dataclasses
+    import typing
+
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    given = {k: v for k, v in given.items() if k not in ("name", "trainer")}  # the loss's label and class
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), given))
+    except ConfigKeyError as e:
+        *path, bad = e.full_key.split(".")
+        inner = schema
+        for part in path:  # the nested section the key is in, for its valid names
+            inner = typing.get_type_hints(inner)[part]
+        close = difflib.get_close_matches(bad, [f.name for f in dataclasses.fields(inner)], n=1, cutoff=0.6)
+        hint = f"did you mean {'.'.join([key, *path, close[0]])}?" if close else f"see {schema.__name__}"
+        raise OverrideError(f"{key}.{e.full_key} is not {what}: {hint}") from None
+    except MissingMandatoryValue as e:
+        raise OverrideError(f"{key}.{e.full_key} is missing: {schema.__name__} needs it") from None
+    except ValidationError as e:
+        raise OverrideError(f"{key}.{e.full_key}: {str(e).splitlines()[0]}") from None

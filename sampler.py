@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -45,6 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -67,6 +69,26 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: list[str] | None = None  # stop strings; the text is cut before the first one found
     seed: int | None = None     # None: the sampler's own per-rank stream; int: reproducible
+
+
+@dataclass
+class SamplingConfig:
+    """A config's sampling section (``loss.sampling``, ``eval_sampling``): ``SamplingParams`` but
+    ``n`` and ``seed``, which the trainer sets (``n_samples_per_prompt``, a seed per step)."""
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    stop: Optional[List[str]]
+
+
+def sampling_params(section, key: str, **fixed) -> SamplingParams:
+    """``SamplingParams`` of the config's sampling ``section`` (named ``key`` in messages) and the
+    ``fixed`` fields the trainer sets; a wrong key or type is one line (``overrides.check_schema``)."""
+    import overrides
+
+    checked = overrides.check_schema(section, SamplingConfig, key, "a sampling option")
+    return SamplingParams(**dataclasses.asdict(checked), **fixed)
 
 
 @dataclass
@@ -612,10 +634,27 @@ class VLLMSampler(Sampler):
 # --- choosing one --------------------------------------------------------------------------------
 
 
+def arguments(cls) -> set[str]:
+    """What a sampler's config section may set: the arguments of ``cls``."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer", "model_dir", "debug"}
+
+
 def config_kwargs(cls, section) -> dict:
     """The keys of a config section that are arguments of ``cls`` (``auto`` holds both sets)."""
-    names = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer", "model_dir"}
-    return {k: v for k, v in dict(section).items() if k in names}
+    return {k: v for k, v in dict(section).items() if k in arguments(cls)}
+
+
+def check_config(section):
+    """Refuse a key of ``sampler:`` that no sampler takes (it would be dropped, silently)."""
+    import difflib
+
+    known = arguments(HFSampler) | arguments(VLLMSampler) | {"name"}
+    for name in section:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean sampler.{close[0]}?" if close else "see config/sampler/*.yaml"
+            raise models.ConfigError(f"sampler.{name} is not an argument of any sampler (sampler.HFSampler, "
+                                     f"sampler.VLLMSampler): {hint}")
 
 
 def build_sampler(cfg, model, tokenizer, run_dir) -> Sampler:

@@ -49,7 +49,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -63,6 +65,7 @@ import models
 import overrides
 import profiling
 import rewards
+import sampler
 from data import DataError
 from data.packing import last_positions, pack, pad, per_sequence
 from data.selection import best_of_k, best_vs_worst_pairs
@@ -77,7 +80,7 @@ from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, ag
 from metrics_log import MetricsLog, means
 from preemption import StopSignals
 from rollout import TOKEN_FIELDS, Rollout
-from sampler import SamplingParams, build_sampler, rollout_of
+from sampler import SamplingConfig, build_sampler, rollout_of, sampling_params
 
 log = logging.getLogger("train")
 
@@ -126,6 +129,13 @@ def check_run_config(cfg, world: int, plays_episodes: bool):
     if cfg.env and not cfg.max_turns >= 1:
         raise models.ConfigError(f"max_turns={cfg.max_turns}: an episode needs at least one reply")
     profiling.check_steps(cfg.profile_steps)
+    sampling_params(cfg.eval_sampling, "eval_sampling")
+    sampler.check_config(cfg.sampler)
+
+
+@dataclass
+class SFTConfig:
+    """``loss:`` of SFT: nothing but its name and class."""
 
 
 class Trainer:
@@ -138,6 +148,7 @@ class Trainer:
     plays_episodes = False  # it can sample multi-turn episodes of an environment (env=)
     scalar_head = False  # the policy is a reward model (RewardTrainer)
     sampler = None  # the colocated sampler: trainers that sample, or sample_during_eval
+    loss_config = SFTConfig  # the schema of ``loss:`` (its keys, their types); each class names its own
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -192,6 +203,7 @@ class Trainer:
 
     def check_config(self):
         check_run_config(self.cfg, self.world, self.plays_episodes)
+        overrides.check_schema(self.cfg.loss, self.loss_config, "loss", f"an option of loss={self.cfg.loss.name}")
 
     def sequences(self, example: dict) -> list[dict]:
         """The token sequences an example puts into a packed row (a pair puts two)."""
@@ -454,6 +466,12 @@ class PairTrainer(Trainer):
         return out
 
 
+@dataclass
+class RewardConfig:
+    margin: float   # Bradley-Terry's margin
+    lm_coef: float  # > 0: an LM loss on the chosen reply too
+
+
 class RewardTrainer(PairTrainer):
     """Reward model: a scalar head on the last token (the end-of-turn token) of each sequence,
     trained with the Bradley-Terry loss, optionally with a margin and, as seed 000's
@@ -461,6 +479,7 @@ class RewardTrainer(PairTrainer):
     with ``AutoModelForSequenceClassification``."""
 
     scalar_head = True
+    loss_config = RewardConfig
 
     def loss(self, batch: dict, micro_batch) -> tuple[torch.Tensor, dict]:
         n, lm_coef = 2 * len(micro_batch), self.cfg.loss.lm_coef
@@ -487,6 +506,14 @@ class RewardTrainer(PairTrainer):
 
 
 # --- the DPO family -----------------------------------------------------------------------------
+
+@dataclass
+class PreferenceConfig:
+    """What the DPO family with a reference shares."""
+    reference_free: bool
+    precompute_ref_logps: bool
+    rpo_alpha: float
+
 
 class PreferenceTrainer(PairTrainer):
     """What the DPO family shares: each class gives ``pair_losses`` (losses/preference.py).
@@ -573,49 +600,114 @@ class PreferenceTrainer(PairTrainer):
         return distributed.gather(mine)
 
 
+@dataclass
+class DPOConfig(PreferenceConfig):
+    beta: float
+    label_smoothing: float
+
+
 class DPOTrainer(PreferenceTrainer):
     """DPO (Rafailov et al. 2023); with ``loss.label_smoothing`` > 0 conservative DPO (``loss=cdpo``)."""
+
+    loss_config = DPOConfig
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
         return dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.loss.beta, self.cfg.loss.label_smoothing)
 
 
+@dataclass
+class IPOConfig(PreferenceConfig):
+    tau: float
+
+
 class IPOTrainer(PreferenceTrainer):
     """IPO (Azar et al. 2023), on per-token average log-probs."""
 
+    loss_config = IPOConfig
+
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
-        return ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, self.cfg.loss.beta)
+        return ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, self.cfg.loss.tau)
+
+
+@dataclass
+class KTOConfig(PreferenceConfig):
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
 
 
 class KTOTrainer(PreferenceTrainer):
     """KTO (Ethayarajh et al. 2024): chosen replies are desirable, rejected ones undesirable."""
+
+    loss_config = KTOConfig
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
         loss = self.cfg.loss
         return kto_loss(pi_c, pi_r, ref_c, ref_r, loss.beta, loss.desirable_weight, loss.undesirable_weight)
 
 
+@dataclass
+class SimPOConfig:
+    reward_scale: float  # the paper's beta
+    target_margin: float  # the paper's gamma
+    rpo_alpha: float
+
+
 class SimPOTrainer(PreferenceTrainer):
     """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin."""
+
+    loss_config = SimPOConfig
 
     def reference_mode(self) -> str:
         return "none"
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
-        return simpo_loss(pi_c / n_c, pi_r / n_r, self.cfg.loss.beta, self.cfg.loss.gamma)
+        return simpo_loss(pi_c / n_c, pi_r / n_r, self.cfg.loss.reward_scale, self.cfg.loss.target_margin)
+
+
+@dataclass
+class ORPOConfig:
+    odds_ratio_weight: float  # the paper's lambda
+    rpo_alpha: float
 
 
 class ORPOTrainer(PreferenceTrainer):
     """ORPO (Hong et al. 2024): SFT on the chosen reply plus an odds-ratio term; no reference."""
 
+    loss_config = ORPOConfig
+
     def reference_mode(self) -> str:
         return "none"
 
     def pair_losses(self, pi_c, pi_r, n_c, n_r, ref_c, ref_r):
-        return orpo_loss(pi_c / n_c, pi_r / n_r, self.cfg.loss.beta)
+        return orpo_loss(pi_c / n_c, pi_r / n_r, self.cfg.loss.odds_ratio_weight)
 
 
 # --- learning from its own samples --------------------------------------------------------------
+
+@dataclass
+class SamplingRunConfig:
+    """What every trainer that samples reads: its prompts and samples per iteration."""
+    rollout_batch_size: int  # prompts per iteration, over all ranks
+    n_samples_per_prompt: int
+    epochs_per_iteration: int  # passes over each iteration's data, in mini-batches of batch_size
+    sampling: SamplingConfig
+
+
+@dataclass
+class PolicyGradientConfig(SamplingRunConfig):
+    clip: float
+    clip_high: Optional[float]
+    aggregation: str
+    tis_cap: Optional[float]
+    kl_coef: float
+    kl_estimator: str
+    kl_in_reward: bool
+    kl_target: Optional[float]
+    kl_horizon: float
+    entropy_coef: float
+    save_rollouts: bool
+
 
 def check_sampling(cfg, world: int):
     """The checks of every trainer that samples ``rollout_batch_size`` prompts per iteration and
@@ -663,7 +755,8 @@ def sample_rollout(trainer) -> tuple[Rollout, dict]:
     mine = distributed.share([trainer.train_examples[i] for i in trainer.global_batch(step)])
     t = time.perf_counter()
     # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
-    params = SamplingParams(n=loss.n_samples_per_prompt, seed=trainer.cfg.seed * 1_000_003 + step, **loss.sampling)
+    params = sampling_params(loss.sampling, "loss.sampling", n=loss.n_samples_per_prompt,
+                             seed=trainer.cfg.seed * 1_000_003 + step)
     rollout = rollout_of(trainer.sampler, mine, params, trainer.tokenizer.eos_token_id, trainer.env)
     timing["generate"], t = time.perf_counter() - t, time.perf_counter()
     trainer.rewards.score(rollout)
@@ -690,6 +783,7 @@ class PolicyGradientTrainer(Trainer):
     starts_from_a_model = True
     plays_episodes = True
     critic = None  # PPOTrainer's
+    loss_config = PolicyGradientConfig
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -733,7 +827,7 @@ class PolicyGradientTrainer(Trainer):
 
     def updates_per_step(self) -> int:
         loss = self.cfg.loss
-        return loss.ppo_epochs * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
+        return loss.epochs_per_iteration * loss.rollout_batch_size * loss.n_samples_per_prompt // self.cfg.batch_size
 
     def eval_metrics(self) -> dict:
         return evaluation.reward_eval(self)
@@ -771,8 +865,8 @@ class PolicyGradientTrainer(Trainer):
             record.update(self.estimate(rollout))
             if loss.save_rollouts and distributed.is_main():
                 checkpointing.write_jsonl(self.run_dir / "rollouts" / f"step-{self.step + 1}.jsonl", rollout.sample_rows())
-        # 5. ppo_epochs passes over it in mini-batches of batch_size samples, an update each (loss)
-        record.update(self.train_epochs(rollout, loss.ppo_epochs))
+        # 5. epochs_per_iteration passes over it in mini-batches of batch_size samples, an update each (loss)
+        record.update(self.train_epochs(rollout, loss.epochs_per_iteration))
         # 6. the adaptive KL coefficient moves toward its target
         if len(rollout):
             self.kl_ctl.update(record["rollout/kl"], len(rollout))
@@ -845,11 +939,25 @@ class PolicyGradientTrainer(Trainer):
         return 0.0
 
 
+@dataclass
+class PPOConfig(PolicyGradientConfig):
+    gamma: float
+    lam: float
+    whiten_rewards: bool
+    whiten_advantages: bool
+    critic_init: str
+    critic_lr: float
+    vf_coef: float
+    value_clip: Optional[float]
+
+
 class PPOTrainer(PolicyGradientTrainer):
     """PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022): a critic (``loss.critic_init``:
     the first reward model, the policy, or a model directory) with its own optimizer and clipped
     value loss; advantages by GAE over per-token rewards (the score at the last token, -KL at
     every token when ``kl_in_reward``)."""
+
+    loss_config = PPOConfig
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -896,11 +1004,20 @@ class PPOTrainer(PolicyGradientTrainer):
         self.critic_scheduler.load_state_dict(state["critic_scheduler"])
 
 
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    scale_rewards: bool
+    sequence_level: bool
+    filter_groups: bool
+
+
 class GRPOTrainer(PolicyGradientTrainer):
     """GRPO (Shao et al. 2024, DeepSeekMath): no critic; a sample's advantage is its score against
     the mean (and, with ``scale_rewards``, the std) of its prompt's samples, the same for each of its
     tokens. ``filter_groups`` trains only on prompts whose samples score differently (the others
     have zero advantage: DAPO's dynamic-sampling filter, without its re-sampling)."""
+
+    loss_config = GRPOConfig
 
     def check_config(self):
         super().check_config()
@@ -919,10 +1036,19 @@ class GRPOTrainer(PolicyGradientTrainer):
         rollout.advantages = grpo_advantages(scores, loss.n_samples_per_prompt, scale=loss.scale_rewards)[:, None] * rollout.mask
 
 
+@dataclass
+class RLOOConfig(PolicyGradientConfig):
+    whiten_advantages: bool
+    sequence_level: bool
+    filter_groups: bool
+
+
 class RLOOTrainer(GRPOTrainer):
     """RLOO (Ahmadian et al. 2024): GRPO's groups with another baseline: the mean score of the other
     samples of the prompt, a sample's summed KL to the reference subtracted from its score; as in
     the paper the whole completion is one action (``sequence_level`` in rloo.yaml)."""
+
+    loss_config = RLOOConfig
 
     def advantages(self, rollout: Rollout):
         loss, mask = self.cfg.loss, rollout.mask
@@ -931,9 +1057,16 @@ class RLOOTrainer(GRPOTrainer):
         rollout.advantages = masked_whiten(adv, mask) if loss.whiten_advantages else adv
 
 
+@dataclass
+class ReinforcePPConfig(PolicyGradientConfig):
+    gamma: float
+
+
 class ReinforcePPTrainer(PolicyGradientTrainer):
     """REINFORCE++ (Hu 2025): no critic; per-token rewards (the score at the last token, -KL at
     every token), returns-to-go whitened over the whole batch."""
+
+    loss_config = ReinforcePPConfig
 
     def advantages(self, rollout: Rollout):
         rewards = token_rewards(rollout.scores, rollout.kl, rollout.mask, self.reward_kl_coef())
@@ -1016,11 +1149,22 @@ def online(base):
     return Online
 
 
+@dataclass
+class OnlineDPOConfig(SamplingRunConfig):
+    min_score_gap: float
+    beta: float
+    label_smoothing: float
+    rpo_alpha: float
+    save_iteration_models: bool
+
+
 class OnlineDPOTrainer(online(DPOTrainer)):
     """Iterative online DPO (RLHFlow, seed 001): per prompt, its best and its worst sample by score
-    make a pair if the best wins by more than ``loss.margin`` (``data.selection``), trained on with
+    make a pair if the best wins by more than ``loss.min_score_gap`` (``data.selection``), trained on with
     the DPO loss; the reference is the model the iteration starts from (the previous iteration's),
     its log-probs of each pair computed with the pairs and stored with them."""
+
+    loss_config = OnlineDPOConfig
 
     def check_config(self):
         super().check_config()
@@ -1038,16 +1182,26 @@ class OnlineDPOTrainer(online(DPOTrainer)):
         pairs = [{"prompt": rollout.prompts[best], "chosen": rollout.sequence(best), "rejected": rollout.sequence(worst),
                   "chosen_text": rollout.texts[best], "rejected_text": rollout.texts[worst],
                   "scores": [scores[best], scores[worst]]}
-                 for best, worst in best_vs_worst_pairs(scores, self.cfg.loss.n_samples_per_prompt, self.cfg.loss.margin)]
+                 for best, worst in best_vs_worst_pairs(scores, self.cfg.loss.n_samples_per_prompt,
+                                                         self.cfg.loss.min_score_gap)]
         for pair, ref in zip(pairs, self.pair_logps(pairs)):
             pair["ref"] = list(ref)
         return pairs
+
+
+@dataclass
+class RAFTConfig(SamplingRunConfig):
+    top_reward_percentage: float
+    min_reward: Optional[float]
+    save_iteration_models: bool
 
 
 class RAFTTrainer(online(SFTTrainer)):
     """RAFT / rejection sampling (LMFlow, seed 003; seed 004's rejection sampling): per prompt its
     best sample by score; of those the top ``loss.top_reward_percentage``, and only those scoring
     at least ``loss.min_reward`` (``data.selection``); fine-tuned on with the SFT loss."""
+
+    loss_config = RAFTConfig
 
     def make_data(self, rollout: Rollout) -> list[dict]:
         loss = self.cfg.loss

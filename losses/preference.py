@@ -26,16 +26,16 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, label_smoothing: float = 0.0
     return losses, (beta * (pi_c - ref_c)).detach(), (beta * (pi_r - ref_r)).detach()
 
 
-def ipo_loss(avg_c, avg_r, ref_avg_c, ref_avg_r, beta: float):
+def ipo_loss(avg_c, avg_r, ref_avg_c, ref_avg_r, tau: float):
     """IPO (Azar et al. 2023, arXiv:2310.12036), on per-token average log-probs as in the paper's
     experiments and TRL:
 
         h = (avg_c - ref_avg_c) - (avg_r - ref_avg_r)
-        L = (h - 1 / (2 beta))^2
+        L = (h - 1 / (2 tau))^2
     """
     h = (avg_c - ref_avg_c) - (avg_r - ref_avg_r)
-    losses = (h - 1 / (2 * beta)) ** 2
-    return losses, (beta * (avg_c - ref_avg_c)).detach(), (beta * (avg_r - ref_avg_r)).detach()
+    losses = (h - 1 / (2 * tau)) ** 2
+    return losses, (tau * (avg_c - ref_avg_c)).detach(), (tau * (avg_r - ref_avg_r)).detach()
 
 
 def simpo_loss(avg_c, avg_r, beta: float, gamma: float):
@@ -43,7 +43,8 @@ def simpo_loss(avg_c, avg_r, beta: float, gamma: float):
 
         L = -log sigmoid(beta avg_c - beta avg_r - gamma)
 
-    ``gamma`` is the margin itself (TRL's ``gamma_beta_ratio`` is gamma / beta).
+    ``gamma`` is the margin itself (TRL's ``gamma_beta_ratio`` is gamma / beta); the config calls
+    beta ``loss.reward_scale`` and gamma ``loss.target_margin``.
     """
     losses = -F.logsigmoid(beta * avg_c - beta * avg_r - gamma)
     return losses, (beta * avg_c).detach(), (beta * avg_r).detach()
@@ -78,7 +79,8 @@ def orpo_loss(avg_c, avg_r, beta: float):
     with no reference model. With log odds(y) = avg - log(1 - exp(avg)):
 
         L = -avg_c - beta log sigmoid(log odds(y_c) - log odds(y_r))
-    """
+
+    (the paper's lambda; ``loss.odds_ratio_weight`` in the config)."""
     def log1m_exp(avg):  # log(1 - exp(avg)), accurate near 0 and finite at 0 (a memorised reply)
         return torch.log(-torch.expm1(avg.clamp(max=-1e-6)))
 

@@ -29,14 +29,15 @@ from evaluation import episode_scores, paired_comparison, task_scores  # noqa: E
 EPISODE_TOKENS = 512  # of an episode, prompt included (its replies are at most 16 tokens each)
 
 
-def scores(name: str, rows: list[dict], task: str, seed: int, max_turns: int) -> tuple[list[float], dict]:
+def scores(name: str, rows: list[dict], task: str, seed: int, max_turns: int, timeout_s: float) -> tuple[list[float], dict]:
     """Each row's 0/1 score; for a multi-turn task also the environment's info averaged."""
     config_file = models.REPO / "config" / "model" / f"{name}.yaml"
     model_cfg = OmegaConf.load(config_file) if config_file.exists() else OmegaConf.create({"name_or_path": name})
     model = models.load_model(model_cfg, torch.device("cpu"), seed=seed)
     tokenizer = models.load_tokenizer(model_cfg)
     if task in TASK_ENVIRONMENTS:
-        return episode_scores(model, tokenizer, rows, TASK_ENVIRONMENTS[task], max_turns, EPISODE_TOKENS)
+        return episode_scores(model, tokenizer, rows, TASK_ENVIRONMENTS[task], max_turns, EPISODE_TOKENS,
+                              timeout_s)
     return task_scores(model, tokenizer, rows, REWARDS[task]), {}
 
 
@@ -49,14 +50,16 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (as train.py's seed)")
     parser.add_argument("--label", default=None, help="name printed with the result")
     parser.add_argument("--max-turns", type=int, default=4, help="a multi-turn task's replies per episode (max_turns)")
+    parser.add_argument("--env-timeout-s", type=float, default=30.0,
+                        help="an environment call slower than this fails its episode (env_timeout_s)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = load_rows(f"{args.task}_prompts", "test", "prompt")[: args.n]
-    after, info = scores(args.model, rows, args.task, args.seed, args.max_turns)
+    after, info = scores(args.model, rows, args.task, args.seed, args.max_turns, args.env_timeout_s)
     result = {"model": args.label or args.model, "task": args.task, "n": len(rows), "accuracy": sum(after) / len(rows),
               **info}
     if args.against:
-        before, _ = scores(args.against, rows, args.task, args.seed, args.max_turns)
+        before, _ = scores(args.against, rows, args.task, args.seed, args.max_turns, args.env_timeout_s)
         result.update({"against": args.against, "against_accuracy": sum(before) / len(rows),
                        **paired_comparison(before, after)})
     print(json.dumps(result))

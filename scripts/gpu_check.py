@@ -188,7 +188,7 @@ def run_overrides(stage: str, size: dict, dtype: str | None = None) -> list[str]
 
 
 def sequences_per_step(stage: str, size: dict) -> int:
-    if stage == "grpo":  # one epoch over the rollout (ppo_epochs=1)
+    if stage == "grpo":  # one epoch over the rollout (epochs_per_iteration=1)
         return size["rollout"][0] * size["rollout"][1]
     return size["batch"][stage] * (2 if stage == "dpo" else 1)
 

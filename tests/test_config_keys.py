@@ -1,5 +1,7 @@
 """Defaults live only in YAML: every ``config/loss/*.yaml``, composed, holds exactly the ``loss.``
-keys its trainer class reads; no key that does nothing, none read with a default hidden in code.
+keys of its trainer class's schema (``loss_config``, a dataclass beside the class: the keys and
+their types), and the class reads exactly those; no key that does nothing, none read with a
+default hidden in code.
 
 What a class reads is found in ``trainers.py``'s source: every ``<...>.cfg.loss.<key>``,
 ``cfg.loss.<key>`` and ``<name>.<key>`` where ``<name>`` was assigned ``<...>.cfg.loss``, in the
@@ -8,12 +10,16 @@ it calls ``super()``'s) and in the module functions those call. ``name`` (the ru
 are in every file."""
 
 import ast
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import trainers
-from conftest import make_cfg
+import overrides
+from conftest import REPO, make_cfg
 
 SOURCE = ast.parse(Path(trainers.__file__).read_text())
 CLASSES = {n.name: n for n in ast.walk(SOURCE) if isinstance(n, ast.ClassDef)}  # online()'s Online too
@@ -81,7 +87,7 @@ def test_the_analysis_sees_what_each_class_reads():
     assert {"critic_lr", "vf_coef", "lam"} <= ppo and not {"scale_rewards", "filter_groups"} & ppo
     assert {"precompute_ref_logps", "reference_free", "label_smoothing"} <= dpo
     # the online loop's reference comes with its pairs: DPOTrainer's reference_mode is overridden
-    assert "precompute_ref_logps" not in online and {"epochs_per_iteration", "margin", "beta"} <= online
+    assert "precompute_ref_logps" not in online and {"epochs_per_iteration", "min_score_gap", "beta"} <= online
 
 
 @pytest.mark.parametrize("path", LOSS_FILES, ids=lambda p: p.stem)
@@ -89,9 +95,34 @@ def test_each_loss_file_holds_exactly_the_keys_its_class_reads(path):
     loss = make_cfg(f"loss={path.stem}").loss
     assert loss.name == path.stem
     assert loss.trainer in trainers.TRAINERS, f"{path.name}: trainer={loss.trainer} is not a trainer class"
-    keys, reads = set(loss) - {"name", "trainer"}, class_reads(trainers.TRAINERS[loss.trainer])
+    cls = trainers.TRAINERS[loss.trainer]
+    schema = {f.name for f in dataclasses.fields(cls.loss_config)}
+    keys, reads = set(loss) - {"name", "trainer"}, class_reads(cls)
+    assert keys == schema, f"{path.name} vs {cls.loss_config.__name__}: {sorted(keys ^ schema)}"
+    overrides.check_schema(loss, cls.loss_config, "loss", "an option")  # the types too
     assert not keys - reads, f"{path.name}: keys {sorted(keys - reads)} are read by nothing in {loss.trainer}"
     assert not reads - keys, f"{path.name}: {loss.trainer} reads loss.{sorted(reads - keys)}, which the file lacks"
+
+
+def test_a_loss_value_of_the_wrong_type_or_a_key_no_schema_has_is_one_line(tmp_path):
+    """The schema checks what the command line's key check cannot: the types, and the keys of a
+    loss file a user wrote."""
+    grpo = trainers.GRPOConfig
+    loss = make_cfg("loss=grpo").loss
+    with pytest.raises(overrides.OverrideError, match=r"^loss\.clip: Value 'wide' of type 'str' could not be "
+                                                      r"converted to Float$"):
+        overrides.check_schema({**loss, "clip": "wide"}, grpo, "loss", "an option of loss=grpo")
+    with pytest.raises(overrides.OverrideError, match=r"^loss\.sampling\.stpo is not an option of loss=grpo: "
+                                                      r"did you mean loss\.sampling\.stop\?$"):
+        overrides.check_schema({**loss, "sampling": {**loss.sampling, "stpo": None}}, grpo, "loss",
+                               "an option of loss=grpo")
+    with pytest.raises(overrides.OverrideError, match=r"^loss\.filter_groups is missing: GRPOConfig needs it$"):
+        overrides.check_schema({k: v for k, v in loss.items() if k != "filter_groups"}, grpo, "loss", "an option")
+    out = subprocess.run([sys.executable, "train.py", "loss=grpo", "model=tiny", "datasets=[toy_add_prompts]",
+                          "reward.functions=[toy_add]", "loss.clip=wide", f"run_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: loss.clip: Value 'wide' of type 'str' could not be converted to Float"]
 
 
 def test_every_trainer_class_has_a_loss_file():

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, fast_overrides, make_cfg, run_ranks
 from helpers import metrics, train_run
@@ -112,6 +113,71 @@ def test_override_mistakes_name_the_closest_key_or_the_equivalent():
     assert overrides.epochs_to_examples("epoch_3", 100) == 300 and overrides.epochs_to_examples(640, 100) == 640
     with pytest.raises(overrides.OverrideError, match="save_every=every_3"):
         overrides.epochs_to_examples("every_3", 100)
+
+
+def test_each_key_means_one_thing_and_the_old_names_say_the_new_one():
+    """beta meant DPO's KL strength, IPO's tau, SimPO's scale and ORPO's weight; gamma SimPO's
+    margin and PPO's discount; margin the reward model's and online DPO's gap; ppo_epochs and
+    epochs_per_iteration were one thing. Each old name now answers with the new one."""
+    import overrides
+
+    def error(*argv):
+        with pytest.raises(overrides.OverrideError) as e:
+            overrides.check(list(argv), warn=lambda line: None)
+        return str(e.value)
+
+    assert error("loss=ipo", "loss.beta=0.5") == (
+        "loss.beta (in loss.beta=0.5) is called loss.tau under loss=ipo (renamed: the old name meant different "
+        "things in different losses): write loss.tau=0.5")
+    assert error("loss=simpo", "loss.beta=2").endswith("write loss.reward_scale=2")
+    assert error("loss=simpo", "loss.gamma=0.3").endswith("write loss.target_margin=0.3")
+    assert error("loss=orpo", "loss.beta=0.1").endswith("write loss.odds_ratio_weight=0.1")
+    assert error("loss=online_dpo", "loss.margin=1").endswith("write loss.min_score_gap=1")
+    for loss in ("ppo", "grpo", "rloo", "reinforce_pp"):
+        assert error(f"loss={loss}", "loss.ppo_epochs=2").endswith("write loss.epochs_per_iteration=2")
+    # where the name kept its meaning it is still the key
+    for argv in (["loss=dpo", "loss.beta=0.1"], ["loss=kto", "loss.beta=0.1"], ["loss=online_dpo", "loss.beta=0.1"],
+                 ["loss=rm", "loss.margin=1"], ["loss=ppo", "loss.gamma=0.99"], ["loss=raft", "loss.epochs_per_iteration=2"]):
+        assert overrides.check(argv, warn=lambda line: None) == argv
+    # one name per meaning across the loss files
+    meanings = {"beta": {"dpo", "cdpo", "kto", "online_dpo"}, "gamma": {"ppo", "reinforce_pp"}, "margin": {"rm"},
+                "epochs_per_iteration": {"ppo", "grpo", "rloo", "reinforce_pp", "online_dpo", "raft"}}
+    for key, losses in meanings.items():
+        having = {p.stem for p in (REPO / "config" / "loss").glob("*.yaml") if key in OmegaConf.load(p)}
+        assert having == losses, key
+    assert not any("ppo_epochs" in OmegaConf.load(p) for p in (REPO / "config" / "loss").glob("*.yaml"))
+
+
+def test_sampling_sections_and_sampler_keys_are_checked(tmp_path):
+    """A sampling section's keys were passed to SamplingParams as they came (its code defaults
+    filling the rest), and a sampler key no sampler takes was dropped silently. Every sampling
+    section now sets exactly the sampling options, and a wrong key stops the run in one line."""
+    import dataclasses
+
+    import overrides
+    import sampler
+    from models import ConfigError
+
+    keys = {f.name for f in dataclasses.fields(sampler.SamplingConfig)}
+    assert keys == {f.name for f in dataclasses.fields(sampler.SamplingParams)} - {"n", "seed"}
+    sections = {"eval_sampling": OmegaConf.load(REPO / "config" / "config.yaml").eval_sampling}
+    for path in (REPO / "config" / "loss").glob("*.yaml"):
+        if "sampling" in OmegaConf.load(path):
+            sections[path.stem] = OmegaConf.load(path).sampling
+    assert len(sections) == 7 and all(set(s) == keys for s in sections.values()), sections
+    with pytest.raises(overrides.OverrideError, match=r"^loss\.sampling\.topk is not a sampling option: did you mean "
+                                          r"loss\.sampling\.top_k\?$"):
+        sampler.sampling_params({**sections["grpo"], "topk": 5}, "loss.sampling")
+    with pytest.raises(overrides.OverrideError, match=r"^eval_sampling\.top_k is missing: SamplingConfig needs it$"):
+        sampler.sampling_params({"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "stop": None}, "eval_sampling")
+    with pytest.raises(ConfigError, match=r"^sampler\.kv_cache_bytes is not an argument of any sampler .*did you mean "
+                                          r"sampler\.kv_cache_memory_bytes\?$"):
+        sampler.check_config({"name": "vllm", "kv_cache_bytes": 1})
+    out = subprocess.run([sys.executable, "train.py", "loss=grpo", "model=tiny", "datasets=[toy_add_prompts]",
+                          "reward.functions=[toy_add]", "+loss.sampling.topk=5", f"run_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: loss.sampling.topk is not an option of loss=grpo: did you mean loss.sampling.top_k?")
 
 
 def test_a_typo_stops_before_hydra_runs(tmp_path):
