@@ -74,7 +74,7 @@ from data.toy_env import ENVIRONMENTS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
-                       gae, grpo_advantages, importance_weights, kl_penalty, masked_whiten, ppo_policy_loss,
+                       cispo_loss, gae, grpo_advantages, gspo_loss, sapo_loss, importance_weights, kl_penalty, masked_whiten, ppo_policy_loss,
                        reinforce_pp_advantages, rloo_advantages, rollout_stats, sequence_ppo_loss, token_rewards,
                        value_loss)
 from metrics_log import MetricsLog, means
@@ -696,8 +696,6 @@ class SamplingRunConfig:
 
 @dataclass
 class PolicyGradientConfig(SamplingRunConfig):
-    clip: float
-    clip_high: Optional[float]
     aggregation: str
     tis_cap: Optional[float]
     kl_coef: float
@@ -707,6 +705,13 @@ class PolicyGradientConfig(SamplingRunConfig):
     kl_horizon: float
     entropy_coef: float
     save_rollouts: bool
+
+
+@dataclass
+class ClippedConfig(PolicyGradientConfig):
+    """The objectives with a clip range (PPO's surrogate, GSPO's, CISPO's weight)."""
+    clip: float
+    clip_high: Optional[float]
 
 
 def check_sampling(cfg, world: int):
@@ -916,16 +921,8 @@ class PolicyGradientTrainer(Trainer):
         logps, mask, entropy = self.policy_logps(self.model, batch, with_entropy=True, entropy_grad=loss.entropy_coef > 0)
         weights = aggregation_weights(mask, batch["seq_ids"], n, loss.aggregation, loss.sampling.max_new_tokens)
         terms, tokens = self.n_loss_terms(rollout), mask.sum()
-        if self.sequence_level():
-            per_seq, stats = sequence_ppo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n,
-                                               loss.clip, loss.clip_high, is_weight=batch["is_weight"])
-            total, clip_units = per_seq.sum(), n
-        else:
-            per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
-                                               loss.clip_high, is_weight=batch["is_weight"])
-            total, clip_units = (per_token * weights).sum(), tokens
-        metrics = {"policy/loss": (total.detach(), terms), "policy/clipfrac": (stats["clipfrac"] * clip_units, clip_units),
-                   "policy/approx_kl": (stats["approx_kl"] * clip_units, clip_units)}
+        total, metrics = self.policy_loss(logps, mask, batch, weights, n)
+        metrics["policy/loss"] = (total.detach(), terms)
         if self.reference is not None and not loss.kl_in_reward:
             kl = kl_penalty(logps, batch["ref_logps"], loss.kl_estimator) * mask
             total = total + self.kl_ctl.value * (kl * weights).sum()
@@ -934,13 +931,28 @@ class PolicyGradientTrainer(Trainer):
         metrics["policy/entropy"] = (entropy.sum().detach(), tokens)
         return total + self.critic_loss(batch, mask, weights, metrics), metrics
 
+    def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
+        """The policy term of the micro-batch's loss, summed with ``weights``, and its metrics as
+        {name: (sum, count)}: PPO's clipped surrogate per token, or (``sequence_level``) per
+        completion. The objectives of GRPO's family that differ (GSPO, CISPO, SAPO) override it."""
+        loss = self.cfg.loss
+        if self.sequence_level():
+            per_seq, stats = sequence_ppo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n,
+                                               loss.clip, loss.clip_high, is_weight=batch["is_weight"])
+            total, units = per_seq.sum(), n
+        else:
+            per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
+                                               loss.clip_high, is_weight=batch["is_weight"])
+            total, units = (per_token * weights).sum(), mask.sum()
+        return total, {f"policy/{k}": (v * units, units) for k, v in stats.items()}
+
     def critic_loss(self, batch: dict, mask, weights, metrics: dict):
         """PPO's value loss, summed with ``weights`` (nothing without a critic)."""
         return 0.0
 
 
 @dataclass
-class PPOConfig(PolicyGradientConfig):
+class PPOConfig(ClippedConfig):
     gamma: float
     lam: float
     whiten_rewards: bool
@@ -1005,7 +1017,7 @@ class PPOTrainer(PolicyGradientTrainer):
 
 
 @dataclass
-class GRPOConfig(PolicyGradientConfig):
+class GRPOConfig(ClippedConfig):
     scale_rewards: bool
     sequence_level: bool
     filter_groups: bool
@@ -1037,7 +1049,7 @@ class GRPOTrainer(PolicyGradientTrainer):
 
 
 @dataclass
-class RLOOConfig(PolicyGradientConfig):
+class RLOOConfig(ClippedConfig):
     whiten_advantages: bool
     sequence_level: bool
     filter_groups: bool
@@ -1058,7 +1070,7 @@ class RLOOTrainer(GRPOTrainer):
 
 
 @dataclass
-class ReinforcePPConfig(PolicyGradientConfig):
+class ReinforcePPConfig(ClippedConfig):
     gamma: float
 
 
@@ -1071,6 +1083,84 @@ class ReinforcePPTrainer(PolicyGradientTrainer):
     def advantages(self, rollout: Rollout):
         rewards = token_rewards(rollout.scores, rollout.kl, rollout.mask, self.reward_kl_coef())
         rollout.advantages = reinforce_pp_advantages(rewards, rollout.mask, self.cfg.loss.gamma)
+
+
+@dataclass
+class GSPOConfig(ClippedConfig):
+    scale_rewards: bool
+    filter_groups: bool
+    token_level: bool  # GSPO-token: the sequence's ratio, a gradient path per token
+
+
+class GSPOTrainer(GRPOTrainer):
+    """GSPO (Zheng et al. 2025): GRPO's group advantages with the importance ratio and its clip at
+    the sequence level, the ratio a per-token geometric mean (``losses.rl.gspo_loss``), averaged
+    over sequences; ``loss.token_level``: GSPO-token."""
+
+    loss_config = GSPOConfig
+
+    def check_config(self):
+        super().check_config()
+        if self.cfg.loss.aggregation != "sequence_mean":
+            raise ValueError(f"loss=gspo averages its per-sequence losses over sequences: it needs "
+                             f"loss.aggregation=sequence_mean (got {self.cfg.loss.aggregation})")
+
+    def sequence_level(self) -> bool:
+        return False  # the ratio is the sequence's inside the loss; the sampler's importance weight stays per token
+
+    def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
+        loss, token_level = self.cfg.loss, self.cfg.loss.token_level
+        out, stats = gspo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n, loss.clip,
+                               loss.clip_high, is_weight=batch["is_weight"], token_level=token_level)
+        total, units = ((out * weights).sum(), mask.sum()) if token_level else (out.sum(), n)
+        return total, {"policy/clipfrac": (stats["clipfrac"] * units, units),
+                       "policy/approx_kl": (stats["approx_kl"] * n, n)}
+
+
+@dataclass
+class CISPOConfig(ClippedConfig):
+    scale_rewards: bool
+    filter_groups: bool
+
+
+class CISPOTrainer(GRPOTrainer):
+    """CISPO (MiniMax-M1): GRPO's group advantages, REINFORCE weighted by the clipped, detached
+    importance ratio (``losses.rl.cispo_loss``), token mean."""
+
+    loss_config = CISPOConfig
+
+    def sequence_level(self) -> bool:
+        return False
+
+    def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
+        per_token, stats = cispo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.clip,
+                                      self.cfg.loss.clip_high, is_weight=batch["is_weight"])
+        tokens = mask.sum()
+        return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
+
+
+@dataclass
+class SAPOConfig(PolicyGradientConfig):
+    scale_rewards: bool
+    filter_groups: bool
+    tau_pos: float  # the gate's temperature where the advantage is positive
+    tau_neg: float  # and where it is not (larger: the gate closes faster)
+
+
+class SAPOTrainer(GRPOTrainer):
+    """SAPO (Gao et al. 2025): GRPO's group advantages, a smooth temperature-controlled gate on the
+    ratio instead of a clip (``losses.rl.sapo_loss``), token mean."""
+
+    loss_config = SAPOConfig
+
+    def sequence_level(self) -> bool:
+        return False
+
+    def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
+        per_token, stats = sapo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.tau_pos,
+                                     self.cfg.loss.tau_neg, is_weight=batch["is_weight"])
+        tokens = mask.sum()
+        return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
 
 
 # --- the online loops ---------------------------------------------------------------------------
@@ -1212,4 +1302,5 @@ class RAFTTrainer(online(SFTTrainer)):
 
 TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, RewardTrainer, DPOTrainer, IPOTrainer, KTOTrainer, SimPOTrainer,
                                           ORPOTrainer, PPOTrainer, GRPOTrainer, RLOOTrainer, ReinforcePPTrainer,
+                                          GSPOTrainer, CISPOTrainer, SAPOTrainer,
                                           OnlineDPOTrainer, RAFTTrainer)}

@@ -269,6 +269,92 @@ def sequence_ppo_loss(logp, old_logp, advantages, mask, seq_ids, n: int, clip_lo
     return loss[:, 0], metrics
 
 
+def gspo_loss(logp, old_logp, advantages, mask, seq_ids, n: int, clip_low: float, clip_high: float | None = None,
+              is_weight=None, token_level: bool = False):
+    """GSPO (Zheng et al. 2025, arXiv:2507.18071): the importance ratio of a sequence is the
+    geometric mean of its tokens' ratios, clipped at the sequence level:
+
+        s_i = (pi(y_i | x) / pi_old(y_i | x))^(1 / |y_i|) = exp(1/|y_i| sum_t (logp_it - old_logp_it))
+        L_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)   [* is_weight_i]
+
+    (the paper's clip range is small, 3e-4 / 4e-4, as s_i is a per-token average). With
+    ``token_level``, GSPO-token: each token keeps its own path of the gradient, its value that of
+    the sequence,
+
+        s_it = sg(s_i) pi(y_it) / sg(pi(y_it)),   L_it = -min(s_it A_it, clip(s_it, ...) A_it)
+
+    which is GSPO when A_it = A_i (the group advantages). ``advantages`` and ``is_weight`` are per
+    token, in the packed layout of ``aggregation_weights``; a sequence's are their mean over its
+    tokens. Returns the per-sequence loss [n], or with ``token_level`` the per-token loss (0 on
+    padding), and detached metrics: ``clipfrac`` (sequences, or tokens, in the clipped branch) and
+    ``approx_kl`` (the mean of 0.5 (log s_i)^2 over sequences).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    lengths = per_sequence(mask, seq_ids, n).clamp(min=1)
+    log_s = per_sequence((logp - old_logp) * mask, seq_ids, n) / lengths
+    approx_kl = (0.5 * log_s.detach() ** 2).mean()
+    if not token_level:
+        seq_adv = per_sequence(advantages.detach() * mask, seq_ids, n) / lengths
+        s = torch.exp(log_s)
+        loss = torch.maximum(-seq_adv * s, -seq_adv * torch.clamp(s, 1 - clip_low, 1 + clip_high))
+        clipped = (-seq_adv * torch.clamp(s, 1 - clip_low, 1 + clip_high) > -seq_adv * s).float()
+        if is_weight is not None:
+            loss = loss * (per_sequence(is_weight.detach() * mask, seq_ids, n) / lengths)
+        return loss, {"clipfrac": clipped.mean().detach(), "approx_kl": approx_kl}
+    own = seq_ids.clamp(min=0)  # each token's sequence (padding: any, masked below)
+    s_t = torch.exp(log_s.detach()[own] + logp - logp.detach())
+    adv = advantages.detach()
+    unclipped, clipped = -adv * s_t, -adv * torch.clamp(s_t, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped) * mask
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    return loss, {"clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask).detach(), "approx_kl": approx_kl}
+
+
+def cispo_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float, is_weight=None):
+    """CISPO (MiniMax-M1, arXiv:2506.13585): REINFORCE with the importance weight clipped and
+    detached, so that no token loses its gradient (PPO's clip drops the tokens outside its band,
+    often the rare ones a reasoning chain turns on):
+
+        r_t = exp(logp_t - old_logp_t)
+        L_t = -sg(clip(r_t, 1 - clip_low, 1 + clip_high)) A_t logp_t   [* is_weight_t]
+
+    (the paper sets no lower bound, clip_low = 1, and tunes clip_high). Returns the per-token loss
+    [B, T] (0 on padding) and detached metrics: ``clipfrac``, the fraction of tokens whose weight
+    was clipped, and ``approx_kl``."""
+    log_ratio = ((logp - old_logp) * mask).detach()
+    ratio = torch.exp(log_ratio)
+    weight = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = -weight * advantages.detach() * logp * mask
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    return loss, {"clipfrac": masked_mean((weight != ratio).to(logp.dtype), mask),
+                  "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask)}
+
+
+def sapo_loss(logp, old_logp, advantages, mask, tau_pos: float, tau_neg: float, is_weight=None):
+    """SAPO (Gao et al. 2025, arXiv:2511.20347): a smooth, temperature-controlled gate in place of
+    PPO's hard clip:
+
+        r_t = exp(logp_t - old_logp_t),   tau_t = tau_pos if A_t > 0 else tau_neg
+        L_t = -(4 / tau_t) sigmoid(tau_t (r_t - 1)) A_t   [* is_weight_t]
+
+    Its gradient is -4 sigmoid(.) (1 - sigmoid(.)) A_t grad r_t: PPO's -A_t grad r_t at r = 1,
+    fading smoothly as r leaves 1 (faster for negative advantages, tau_neg > tau_pos) instead of
+    stopping at a band's edge. Returns the per-token loss [B, T] (0 on padding) and detached
+    metrics: ``gate_mean``, the mean over tokens of that gradient factor 4 sigmoid (1 - sigmoid)
+    (1 on-policy), and ``approx_kl``."""
+    adv = advantages.detach()
+    log_ratio = (logp - old_logp) * mask
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1))
+    loss = -(4 / tau) * gate * adv * mask
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    return loss, {"gate_mean": masked_mean((4 * gate * (1 - gate)).detach(), mask),
+                  "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask)}
+
+
 def truncated_is_weight(old_logp, sampler_logp, cap: float, mask=None):
     """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
     brings you off-policy RL training"): the inference engine (vLLM) that sampled the tokens and

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from losses.rl import (AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
-                       discounted_returns, entropy_from_logits, explained_variance, gae, grpo_advantages, kl_penalty,
-                       masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages,
-                       sequence_ppo_loss, token_rewards, truncated_is_weight, value_loss)
+from losses.rl import (AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights, cispo_loss,
+                       discounted_returns, entropy_from_logits, explained_variance, gae, grpo_advantages, gspo_loss,
+                       kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages,
+                       sapo_loss, sequence_ppo_loss, token_rewards, truncated_is_weight, value_loss)
 
 SEEDS = [0, 1, 2, 3, 4]
 B, T = 6, 9
@@ -619,3 +619,122 @@ def test_a_mask_with_holes_is_time_over_the_policy_tokens_alone():
     torch.testing.assert_close(discounted_returns(rewards, mask, gamma)[0, keep], torch.tensor(ret))
     last = token_rewards(torch.tensor([2.0]), torch.zeros(1, 11), mask, 0.0)
     assert last[0].tolist() == [0.0] * 8 + [2.0, 0.0, 0.0]
+
+
+# --- the 2026 objectives: GSPO, CISPO, SAPO, each against its paper's formula ----------------------
+
+def objective_case(seed, spread):
+    """aggregation_case's sequences with pi_old within ``spread`` of pi per token, and a per-token
+    importance weight; odd seeds' masks have holes (a multi-turn episode's observation tokens
+    between the replies). ``lens`` becomes each sequence's trained tokens, ``at[i]`` their positions."""
+    lens, mask, logp, _, adv, seq_ids = aggregation_case(seed)
+    rng = random.Random(seed + 100)
+    old = t([[x + rng.uniform(-spread, spread) for x in row] for row in logp.tolist()])
+    weight = t([[rng.uniform(0.5, 1.5) for _ in range(T)] for _ in range(B)])
+    if seed % 2:
+        for i, n in enumerate(lens):
+            for j in range(1, n - 1):  # the first and last tokens stay: a reply starts and ends the episode
+                if rng.random() < 0.4:
+                    mask[i, j] = 0.0
+    at = [[j for j in range(T) if mask[i, j] > 0] for i in range(B)]
+    return [len(a) for a in at], at, mask, logp, old, adv, seq_ids, weight
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gspo_clips_the_geometric_mean_ratio_of_each_sequence(seed):
+    """GSPO: s_i = exp(1/|y_i| sum_t (logp - old)), L_i = -min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i),
+    averaged over sequences; values and gradients, both branches of the clip taken."""
+    lens, at, mask, logp, old, adv, seq_ids, weight = objective_case(seed, 2e-3)
+    adv_tokens = t(adv)[:, None] * mask
+    per_seq, stats = gspo_loss(logp, old, adv_tokens, mask, seq_ids, B, 3e-4, 4e-4, is_weight=weight)
+    got = per_seq.sum() / B
+    want, clipped = 0, 0
+    for i, n in enumerate(lens):
+        s = torch.exp(sum(logp[i, j] - old[i, j] for j in at[i]) / n)
+        w = sum(weight[i, j].item() for j in at[i]) / n
+        want = want - clipped_term(s, adv[i], 3e-4, 4e-4) * w
+        clipped += clipped_term(s, adv[i], 3e-4, 4e-4).item() != (s * adv[i]).item()
+    want = want / B
+    close(got, want.item())
+    torch.testing.assert_close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], **TOL)
+    assert stats["clipfrac"].item() == pytest.approx(clipped / B)
+    # on-policy: the gradient is -1/G sum_i A_i 1/|y_i| sum_t grad logp_it (the length-normalised REINFORCE)
+    on = gspo_loss(logp, logp.detach(), adv_tokens, mask, seq_ids, B, 3e-4, 4e-4)[0].sum() / B
+    want_grad = [[-adv[i] / (B * lens[i]) if j in at[i] else 0.0 for j in range(T)] for i in range(B)]
+    torch.testing.assert_close(torch.autograd.grad(on, logp)[0], t(want_grad), **TOL)
+
+
+def test_gspo_takes_both_branches_over_the_seeds():
+    """The test above is not decided by one branch: over its seeds some sequences are clipped, some not."""
+    fractions = []
+    for seed in SEEDS:
+        _, _, mask, logp, old, adv, seq_ids, _ = objective_case(seed, 2e-3)
+        fractions.append(gspo_loss(logp, old, t(adv)[:, None] * mask, mask, seq_ids, B, 3e-4, 4e-4)[1]["clipfrac"].item())
+    assert 0 < sum(fractions) / len(fractions) < 1, fractions
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gspo_token_is_gspo_with_a_gradient_path_per_token(seed):
+    """GSPO-token: s_it = sg(s_i) pi(y_it) / sg(pi(y_it)) has s_i's value at every token, and with
+    the group advantage (A_it = A_i) its sequence-mean loss has GSPO's value and gradient."""
+    lens, at, mask, logp, old, adv, seq_ids, weight = objective_case(seed, 2e-3)
+    adv_tokens = t(adv)[:, None] * mask
+    per_token, _ = gspo_loss(logp, old, adv_tokens, mask, seq_ids, B, 3e-4, 4e-4, token_level=True)
+    per_seq, _ = gspo_loss(logp, old, adv_tokens, mask, seq_ids, B, 3e-4, 4e-4)
+    for i in range(B):
+        for j in range(T):
+            expected = per_seq[i].item() if j in at[i] else 0.0
+            assert per_token[i, j].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    token_form = (per_token * aggregation_weights(mask, seq_ids, B, "sequence_mean", T)).sum() / B
+    close(token_form, (per_seq.sum() / B).item())
+    torch.testing.assert_close(torch.autograd.grad(token_form, logp)[0],
+                               torch.autograd.grad(per_seq.sum() / B, logp)[0], **TOL)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("clip_low,clip_high", [(1.0, 0.28), (0.2, 0.2)])
+def test_cispo_is_reinforce_weighted_by_the_clipped_detached_ratio(seed, clip_low, clip_high):
+    """CISPO: L_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) A_t logp_t, token mean; every token
+    keeps its gradient, -clip(r_t) A_t (PPO's is 0 outside its band)."""
+    lens, at, mask, logp, old, adv, seq_ids, weight = objective_case(seed, 0.5)
+    per_token, stats = cispo_loss(logp, old, t(adv)[:, None] * mask, mask, clip_low, clip_high, is_weight=weight)
+    n_tokens = sum(lens)
+    got = per_token.sum() / n_tokens
+    want, grad, clipped = 0, [[0.0] * T for _ in range(B)], 0
+    for i in range(B):
+        for j in at[i]:
+            r = math.exp(logp[i, j].item() - old[i, j].item())
+            w = min(max(r, 1 - clip_low), 1 + clip_high)
+            clipped += w != r
+            want = want - w * adv[i] * weight[i, j].item() * logp[i, j]
+            grad[i][j] = -w * adv[i] * weight[i, j].item() / n_tokens
+    close(got, (want / n_tokens).item())
+    torch.testing.assert_close(torch.autograd.grad(got, logp)[0], t(grad), **TOL)
+    assert stats["clipfrac"].item() == pytest.approx(clipped / n_tokens)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tau_pos,tau_neg", [(1.0, 1.05), (0.5, 2.0)])
+def test_sapo_is_the_soft_gate_of_its_paper(seed, tau_pos, tau_neg):
+    """SAPO: L_t = -(4 / tau) sigmoid(tau (r_t - 1)) A_t, tau = tau_pos for A_t > 0, tau_neg
+    otherwise; values and gradients, and on-policy the gradient is PPO's, -A_t grad logp_t."""
+    lens, at, mask, logp, old, adv, seq_ids, weight = objective_case(seed, 0.5)
+    adv_tokens = t(adv)[:, None] * mask
+    per_token, stats = sapo_loss(logp, old, adv_tokens, mask, tau_pos, tau_neg, is_weight=weight)
+    n_tokens = sum(lens)
+    got = per_token.sum() / n_tokens
+    want = 0
+    for i in range(B):
+        tau = tau_pos if adv[i] > 0 else tau_neg
+        for j in at[i]:
+            r = torch.exp(logp[i, j] - old[i, j])
+            want = want - (4 / tau) / (1 + torch.exp(-tau * (r - 1))) * adv[i] * weight[i, j].item()
+    want = want / n_tokens
+    close(got, want.item())
+    torch.testing.assert_close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0], **TOL)
+    on = sapo_loss(logp, logp.detach(), adv_tokens, mask, tau_pos, tau_neg)[0].sum() / n_tokens
+    want_grad = [[-adv[i] / n_tokens if j in at[i] else 0.0 for j in range(T)] for i in range(B)]
+    torch.testing.assert_close(torch.autograd.grad(on, logp)[0], t(want_grad), **TOL)
+    assert sapo_loss(logp, logp.detach(), adv_tokens, mask, tau_pos, tau_neg)[1]["gate_mean"].item() == pytest.approx(1.0)
+    assert 0 < stats["gate_mean"].item() < 1
+

@@ -47,6 +47,30 @@ def test_fixed_rollout_two_ranks_equal_one(tmp_path):
         torch.testing.assert_close(c2[k], c1[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("loss,extra,metric", [("gspo", (), "policy/clipfrac/train"),
+                                                ("gspo", ("loss.token_level=true",), "policy/clipfrac/train"),
+                                                ("cispo", (), "policy/clipfrac/train"),
+                                                ("sapo", (), "policy/gate_mean/train")])
+def test_the_2026_objectives_train_the_same_on_two_ranks_as_on_one(tmp_path, loss, extra, metric):
+    """GSPO (and GSPO-token), CISPO and SAPO through the trainer: the loss each sums over a
+    micro-batch, divided by the global count of its units, gives one rank's run on two; the second
+    epoch over each rollout is off-policy, so the clip or the gate acts."""
+    results = {}
+    for world in (1, 2):
+        run_dir = tmp_path / f"w{world}"
+        overrides = rl_overrides(run_dir, loss, "loss.epochs_per_iteration=2", "batch_size=4", *extra)
+        weights = run_ranks(rl_run, world, tmp_path, overrides)[0][0]
+        results[world] = (metrics(run_dir), weights)
+    (m1, w1), (m2, w2) = results[1], results[2]
+    train = [r for r in m1 if "rollout/score_mean" in r]
+    assert len(train) == 2 and all(metric in r for r in train) and train[1]["policy/approx_kl/train"] > 0
+    ignore = ("timing/", "samples_per_s")
+    strip = [[{k: v for k, v in r.items() if not k.startswith(ignore)} for r in m] for m in (m1, m2)]
+    assert_same_run(strip[1], strip[0], rtol=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
 def test_killed_between_iterations_resumes_to_the_same_run(tmp_path):
     """Real sampling (HF generate, seeded per iteration), PPO with its critic: a run that dies in
     its third iteration and is resumed ends where an uninterrupted run ends."""
