@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import distributed
 import models
+from overrides import RENAMED
 
 log = logging.getLogger("train")
 
@@ -443,13 +444,17 @@ MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start",
                         "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
                         "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
                         "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check",
-                        "reshard_after_forward", "profile_steps")
+                        "reshard_after_forward", "profile_steps", "monitors")
+# keys added to the config files since a checkpoint may have been written, with the value the code
+# used before they existed: a saved config without them ran with that value
+ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None}
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:
     """``key=<saved> (now <now>)`` for every key outside ``MAY_CHANGE_ON_RESUME`` whose value differs.
-    A key the saved config lacks and that is null now is no difference: a key added to config.yaml
-    since the checkpoint, whose null default is what the run did before it existed."""
+    A key the saved config lacks and that is null now (or at its ``ADDED_AT`` value) is no
+    difference: a key added to the config files since the checkpoint, whose value is what the run
+    did before it existed; a key renamed since (``overrides.RENAMED``) is compared under its new name."""
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -461,9 +466,13 @@ def config_differences(saved: dict, now: dict) -> list[str]:
         return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME)
 
     a, b = flat(saved), flat(now)
+    loss = a.get("loss.name")
+    for old_key, per_loss in RENAMED.items():  # a checkpoint from before a key's rename
+        if old_key in a and per_loss.get(loss) and per_loss[loss] not in a:
+            a[per_loss[loss]] = a.pop(old_key)
     unset = "(unset)"
     return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
-            if not may_change(k) and a.get(k, unset) != b.get(k, unset) and not (k not in a and b[k] is None)]
+            if not may_change(k) and a.get(k, unset) != b.get(k, unset) and not (k not in a and b[k] == ADDED_AT.get(k))]
 
 def to_resume(run_dir: Path, cfg) -> Path | None:
     """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and the

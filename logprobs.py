@@ -40,21 +40,46 @@ def entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
         return entropy_from_logits(logits.float())
 
 
+def truncate(logits: torch.Tensor, targets: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` [N, V] with the tokens a sampler's top-k and top-p warpers remove set to -inf, so
+    that their softmax is the truncated, renormalised distribution it drew from. As transformers'
+    ``TopKLogitsWarper``/``TopPLogitsWarper`` and vLLM's sampler: top-k first (``top_k`` 0: off),
+    then, of what is left, the least likely tokens whose probabilities sum to at most 1 - ``top_p``
+    are removed, the most likely one always kept. Each position's target stays whatever the
+    rounding: the sampler drew it, so it was in the sampler's set."""
+    with torch.no_grad():
+        remove = torch.zeros_like(logits, dtype=torch.bool)
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            remove = logits < kth
+        if top_p < 1:
+            ascending, order = logits.masked_fill(remove, float("-inf")).sort(dim=-1)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[..., -1] = False
+            remove = remove | drop.scatter(-1, order, drop)
+        remove = remove.scatter(-1, targets[:, None], False)
+    return logits.masked_fill(remove, float("-inf"))
+
+
 def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, temperature: float, with_entropy: bool,
-               entropy_grad: bool):
-    """One chunk: log p(target) under softmax(head(hidden) / temperature), and its entropy; the
-    logits soft-capped as Gemma-2 and 3 do (``final_logit_softcapping``)."""
+               entropy_grad: bool, top_k: int = 0, top_p: float = 1.0):
+    """One chunk: log p(target) under softmax(head(hidden) / temperature) (truncated to ``top_k``,
+    ``top_p`` as the sampler does: ``truncate``), and its entropy; the logits soft-capped as Gemma-2
+    and 3 do (``final_logit_softcapping``)."""
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1:
         logits = logits / temperature
+    if top_k > 0 or top_p < 1:
+        logits = truncate(logits, targets, top_k, top_p)
     logps = -F.cross_entropy(logits, targets, reduction="none")
     return logps, entropy(logits, entropy_grad) if with_entropy else torch.zeros_like(logps)
 
 
 def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
-                  with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  with_entropy: bool = False, entropy_grad: bool = True, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] log-probs of ``targets`` and entropies (zeros without ``with_entropy``), both zero
     where there is no target, the LM head applied ``chunk`` positions at a time and only at the
     positions that have a target: a prompt's positions need the decoder, not the head (on
@@ -73,7 +98,7 @@ def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperatu
     parts = []
     for start in range(0, len(kept_targets), chunk):
         args = (hidden[start:start + chunk], head, softcap, kept_targets[start:start + chunk], temperature, with_entropy,
-                entropy_grad)
+                entropy_grad, top_k, top_p)
         parts.append(checkpoint(head_logps, *args, use_reentrant=False) if recompute else head_logps(*args))
     mask = (targets != IGNORE).float()  # a product, not a view, is what FSDP2 hooks the backward on
     logps, entropies = (torch.zeros(flat_targets.shape, dtype=torch.float32, device=targets.device)
@@ -90,23 +115,26 @@ def register(model):
 
 
 def token_logps(model, batch: dict, chunk: int | None = None, temperature: float = 1.0,
-                with_entropy: bool = False, entropy_grad: bool = True):
+                with_entropy: bool = False, entropy_grad: bool = True, top_k: int = 0, top_p: float = 1.0):
     """Log p(target) per position at ``temperature`` (fp32, zero where there is no target) and that
     mask, and with ``with_entropy`` the entropy of each position's distribution (masked likewise;
-    differentiable only with ``entropy_grad``). ``chunk``: positions per LM-head chunk; None: the
-    full logits of ``model(...)``."""
+    differentiable only with ``entropy_grad``); with ``top_k``/``top_p``, of the distribution
+    truncated as the sampler truncates it (``truncate``). ``chunk``: positions per LM-head chunk;
+    None: the full logits of ``model(...)``."""
     targets = batch["targets"]
     mask = (targets != IGNORE).float()
     if chunk is None:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         if temperature != 1:
             logits = logits.float() / temperature
+        if top_k > 0 or top_p < 1:
+            logits = truncate(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), top_k, top_p).view_as(logits)
         logps, _ = target_logps(logits, targets)
         entropies = entropy(logits, entropy_grad) * mask if with_entropy else None
     else:
         forward = getattr(model, "chunked_logps", None) or functools.partial(chunked_logps, model)
         logps, entropies = forward(batch["input_ids"], batch["position_ids"], targets, chunk, temperature,
-                                   with_entropy, entropy_grad)
+                                   with_entropy, entropy_grad, top_k, top_p)
         entropies = entropies if with_entropy else None
     return (logps, mask, entropies) if with_entropy else (logps, mask)
 

@@ -63,6 +63,7 @@ import evaluation
 import logprobs
 import models
 import overrides
+import monitors
 import profiling
 import rewards
 import sampler
@@ -131,6 +132,7 @@ def check_run_config(cfg, world: int, plays_episodes: bool):
     profiling.check_steps(cfg.profile_steps)
     sampling_params(cfg.eval_sampling, "eval_sampling")
     sampler.check_config(cfg.sampler)
+    monitors.check_config(cfg.monitors)
 
 
 @dataclass
@@ -176,6 +178,7 @@ class Trainer:
         self.step, self.examples_seen, self.tokens_seen = 0, 0, 0
         self._permutation = (None, None)
         self.metrics = MetricsLog(cfg)
+        self.monitors, self.stop_reasons = monitors.Monitors(cfg.monitors, distributed.is_main()), []
         if cfg.sample_during_eval:
             self.sampler = build_sampler(cfg, self.model, self.tokenizer, self.run_dir)
 
@@ -257,12 +260,14 @@ class Trainer:
         return {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen,
                 "metric_lines": self.metrics.lines, "scheduler": self.scheduler.state_dict(),
                 "world_size": self.world, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "base_fingerprint": self.base_fingerprint}
+                "base_fingerprint": self.base_fingerprint, "monitors": self.monitors.state()}
 
     def restore_state(self, state: dict):
         """The counters and schedules of ``trainer_state``, read back from a checkpoint."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.examples_seen, self.tokens_seen = state["step"], state["examples"], state["tokens"]
+        if "monitors" in state:  # (not in checkpoints from before the monitors)
+            self.monitors.restore(state["monitors"])
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -282,6 +287,7 @@ class Trainer:
             record = self.train_step()
             profiler.step()
             record["memory/peak_gb"] = profiling.peak_memory_gb(self.device)
+            self.stop_reasons += self.monitors.check(record, self.step + 1)
             before = self.examples_seen
             self.step += 1
             self.examples_seen += self.examples_per_step()
@@ -292,8 +298,10 @@ class Trainer:
                 self.evaluate()
                 self.model.train()
             saved = crossed(self.save_every, before, self.examples_seen) or last or self.save_now()
-            if saved:
+            if saved or self.stop_reasons:
                 checkpointing.save_run(self, export=True)
+            if self.stop_reasons:
+                break
             if not last and stop.requested():
                 if not saved:
                     checkpointing.save_run(self, export=False)
@@ -301,6 +309,8 @@ class Trainer:
                 break
         profiler.close()
         self.metrics.close()
+        if self.stop_reasons:
+            self.stop_for_monitor()
 
     def evaluate(self) -> dict:
         """Collective: ``eval_metrics`` on the eval examples, logged (nothing without eval examples)."""
@@ -308,10 +318,19 @@ class Trainer:
             return {}
         self.model.eval()
         record = self.eval_metrics()
+        self.stop_reasons += self.monitors.check(record, self.step)
         if record:
             self.metrics.log(record, self.step, self.examples_seen, self.tokens_seen)
             log.info(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
         return record
+
+    def stop_for_monitor(self):
+        """A monitor in ``monitors.stop_on`` crossed: the checkpoint is written; every rank (they see
+        the same metrics) stops with exit code 3, rank 0 saying why in one line."""
+        if distributed.is_main():
+            log.error(f"{self.stop_reasons[0]}: stopped (monitors.stop_on); checkpoint "
+                      f"{checkpointing.last_checkpoint(self.run_dir)}; resume=true goes on from it")
+        raise SystemExit(3)
 
     def global_batch(self, step: int) -> list[int]:
         """Indices of the examples of step ``step``: a fixed-seed shuffle per epoch, the same on
@@ -344,12 +363,12 @@ class Trainer:
         batch = pack(seqs, self.cfg.row_tokens, pad_id, fields) if self.models.packs else pad(seqs, pad_id, fields)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def token_logps(self, model, batch: dict, temperature: float = 1.0, **entropy):
+    def token_logps(self, model, batch: dict, temperature: float = 1.0, **options):
         """``logprobs.token_logps`` with this run's ``logprob_chunk_tokens``."""
         if isinstance(model, models.AdapterOff):
             with model.policy.disable_adapter():
-                return self.token_logps(model.policy, batch, temperature, **entropy)
-        return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **entropy)
+                return self.token_logps(model.policy, batch, temperature, **options)
+        return logprobs.token_logps(model, batch, self.cfg.logprob_chunk_tokens, temperature, **options)
 
     def run_micro_batches(self, micro: list, train: bool) -> dict[str, list[float]]:
         """Forward (and backward) every micro-batch; returns metric sums, already summed over ranks.
@@ -696,6 +715,7 @@ class SamplingRunConfig:
 
 @dataclass
 class PolicyGradientConfig(SamplingRunConfig):
+    truncate_like_sampler: bool  # the trainer's log-probs of the sampler's top-k/top-p truncated distribution
     aggregation: str
     tis_cap: Optional[float]
     kl_coef: float
@@ -886,7 +906,7 @@ class PolicyGradientTrainer(Trainer):
         temperature) and the critic's values, into ``rollout`` (``logprobs.score_tokens``)."""
         scorers = {"old_logps": lambda batch: self.policy_logps(self.model, batch)[0]}
         if self.reference is not None:
-            scorers["ref_logps"] = lambda batch: self.policy_logps(self.reference, batch)[0]
+            scorers["ref_logps"] = lambda batch: self.policy_logps(self.reference, batch, truncated=False)[0]
         if self.critic is not None:
             scorers["old_values"] = lambda batch: self.critic(batch["input_ids"], batch["position_ids"])[0].float()
         frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
@@ -904,11 +924,17 @@ class PolicyGradientTrainer(Trainer):
                                                self.sequence_level())
         return rollout_stats(rollout)
 
-    def policy_logps(self, model, batch: dict, **entropy):
-        """Log-probs at the sampling temperature: the policy being optimised is the distribution the
-        samples were drawn from, softmax(logits / T), as in verl and OpenRLHF; the sampler reports
-        its log-probs of that same distribution (sampler.py)."""
-        return self.token_logps(model, batch, self.cfg.loss.sampling.temperature, **entropy)
+    def policy_logps(self, model, batch: dict, truncated: bool = True, **entropy):
+        """Log-probs of the policy being optimised, the distribution the samples were drawn from:
+        softmax(logits / T) (as in verl and OpenRLHF), and with ``loss.truncate_like_sampler`` that
+        distribution truncated to the sampler's top-k/top-p set and renormalised
+        (``logprobs.truncate``), so that on-policy the importance weight is exactly 1; the sampler
+        reports its log-probs of that same distribution (sampler.py). ``truncated=False``: the full
+        tempered softmax (the reference's)."""
+        sampling = self.cfg.loss.sampling
+        if truncated and self.cfg.loss.truncate_like_sampler:
+            entropy.update(top_k=sampling.top_k, top_p=sampling.top_p)
+        return self.token_logps(model, batch, sampling.temperature, **entropy)
 
     def reward_kl_coef(self) -> float:
         """The KL coefficient in the reward (0 when the KL is in the loss instead)."""

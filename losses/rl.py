@@ -395,7 +395,8 @@ def rollout_stats(rollout) -> dict:
     record = {"rollout/kl": rollout.kl.sum(1).mean().item(),
               "rollout/advantage_mean": masked_mean(rollout.advantages, mask).item(),
               "rollout/logp_mismatch": masked_mean((old - sampler).abs(), mask).item(),
-              "rollout/is_weight_mean": masked_mean(rollout.is_weight, mask).item()}
+              "rollout/is_weight_mean": masked_mean(rollout.is_weight, mask).item(),
+              "rollout/zero_advantage_fraction": ((rollout.advantages * mask).abs().sum(1) == 0).float().mean().item()}
     if rollout.old_values is not None:
         record["critic/explained_variance"] = explained_variance(rollout.old_values, rollout.returns, mask).item()
     return record
@@ -418,8 +419,11 @@ def value_loss(values, old_values, returns, mask, clip: float | None):
 
 def entropy_from_logits(logits):
     """Entropy of softmax(logits) along the last dimension, H = logsumexp(l) - sum softmax(l) l,
-    stable for large logits. [..., V] -> [...]. Logits must be finite."""
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    stable for large logits. [..., V] -> [...]. A logit may be -inf (a token a truncated
+    distribution removed): it adds nothing."""
+    p = torch.softmax(logits, dim=-1)
+    finite = torch.where(p > 0, logits, 0.0)  # not p * -inf: its gradient would be NaN
+    return torch.logsumexp(logits, dim=-1) - (p * finite).sum(-1)
 
 
 # --- KL coefficient controllers -------------------------------------------------------------------

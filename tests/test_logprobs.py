@@ -3,6 +3,7 @@ gradients of the full logits, written out plainly here, for the SFT, DPO and GRP
 [tokens, vocab] tensor is kept for backward; a model whose logits are more than its LM head is
 refused; a sharded 2-rank run equals the unchunked one."""
 
+import math
 import random
 
 import pytest
@@ -81,6 +82,55 @@ def test_chunked_logps_and_gradients_equal_the_full_logits(loss):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def kept_set(probs: list[float], top_k: int, top_p: float) -> set[int]:
+    """The tokens a top-k/top-p sampler may draw, from the warpers' definition written out: the
+    top_k most likely (all if 0); of those, remove the least likely while their total probability,
+    renormalised over what top-k kept, is at most 1 - top_p; the most likely always stays."""
+    order = sorted(range(len(probs)), key=lambda i: probs[i], reverse=True)
+    kept = order[:top_k] if top_k else order
+    total = sum(probs[i] for i in kept)
+    removed, mass = set(), 0.0
+    for i in reversed(kept[1:]):  # least likely first
+        mass += probs[i] / total
+        if mass > 1 - top_p:
+            break
+        removed.add(i)
+    return set(kept) - removed
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (20, 1.0), (20, 0.7), (3, 0.95)])
+def test_truncated_logps_are_the_samplers_distribution(top_k, top_p):
+    """With top_k/top_p the log-prob of a target is log(p / S) over the sampler's kept set (S its
+    mass), and the entropy that of the renormalised kept set; the chunked path and the full logits
+    agree, values and gradients, and a target outside the set (a rounding at the boundary) stays."""
+    model = tiny()
+    batch = pack(random_sequences(6, random.Random(1)), 48, pad_id=0)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
+    probs = torch.softmax(logits / 0.7, dim=-1)[0].tolist()
+    targets = batch["targets"][0].tolist()
+    want, want_entropy = [], []
+    for position, target in enumerate(targets):
+        if target < 0:
+            want.append(0.0), want_entropy.append(0.0)
+            continue
+        kept = kept_set(probs[position], top_k, top_p) | {target}
+        mass = sum(probs[position][i] for i in kept)
+        want.append(math.log(probs[position][target] / mass))
+        want_entropy.append(-sum(probs[position][i] / mass * math.log(probs[position][i] / mass) for i in kept))
+    for chunk in (None, CHUNK):
+        got, _, entropy = logprobs.token_logps(model, batch, chunk=chunk, temperature=0.7, with_entropy=True,
+                                               top_k=top_k, top_p=top_p)
+        torch.testing.assert_close(got[0], torch.tensor(want), rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy[0], torch.tensor(want_entropy), rtol=0, atol=1e-4)
+    grads = [torch.autograd.grad(logprobs.token_logps(model, batch, chunk=chunk, temperature=0.7, top_k=top_k,
+                                                      top_p=top_p)[0].sum(), list(model.parameters()))
+             for chunk in (None, CHUNK)]
+    for g_full, g_chunked in zip(*grads):
+        assert torch.isfinite(g_chunked).all()
+        torch.testing.assert_close(g_chunked, g_full, rtol=1e-4, atol=1e-6)
+    assert any(len(kept_set(p, top_k, top_p)) < len(p) for p in probs)  # the truncation removed something
 
 
 def test_no_tokens_by_vocab_tensor_is_kept_for_backward():

@@ -329,3 +329,20 @@ def test_rollout_logprobs_are_the_tempered_policy_token_by_token(tmp_path, singl
         tempered = torch.log_softmax(logits[at] / 2.0, -1).gather(1, targets[:, None])[:, 0]
         assert s["old_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)
         assert s["ref_logps"] == pytest.approx(tempered.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_under_top_p_the_trainer_computes_the_distribution_the_sampler_drew_from(tmp_path, truncate):
+    """With top_p = 0.9 the HF sampler draws from the truncated, renormalised softmax; with
+    loss.truncate_like_sampler the trainer's pi_old is that distribution too (the log-probs agree
+    per token, the importance weight is 1), without it the full softmax (the weight is the kept
+    mass S < 1 and the log-probs differ by log S)."""
+    run_dir = tmp_path / str(truncate)
+    overrides = rl_overrides(run_dir, "grpo", "loss.sampling.top_p=0.9", "loss.sampling.temperature=0.7",
+                             f"loss.truncate_like_sampler={str(truncate).lower()}", "n_examples=4")
+    run_ranks(rl_run, 1, tmp_path, overrides, None, False)
+    (record,) = [r for r in metrics(run_dir) if "rollout/logp_mismatch" in r]
+    if truncate:
+        assert record["rollout/logp_mismatch"] < 1e-4 and record["rollout/is_weight_mean"] == pytest.approx(1, abs=1e-4)
+    else:
+        assert record["rollout/logp_mismatch"] > 1e-2 and record["rollout/is_weight_mean"] < 0.99

@@ -200,6 +200,15 @@ def test_resume_takes_a_key_added_since_the_checkpoint_at_its_null_default():
     assert checkpointing.config_differences(saved, {"lr": 1e-3, "model": {"name": None}}) == [
         "model.name=tiny (now None)"]
     assert checkpointing.config_differences(saved, {**saved, "profile_steps": [2, 3]}) == []  # may change
+    # a GRPO checkpoint from before ppo_epochs became epochs_per_iteration and the sampling sections
+    # listed top_k and stop (0 and None in code then) resumes; other values of them do not
+    grpo = {"loss": {"name": "grpo", "ppo_epochs": 2, "sampling": {"temperature": 1.0}}}
+    now = {"loss": {"name": "grpo", "epochs_per_iteration": 2, "sampling": {"temperature": 1.0, "top_k": 0,
+                                                                            "stop": None}}}
+    assert checkpointing.config_differences(grpo, now) == []
+    now["loss"].update(epochs_per_iteration=1, sampling={"temperature": 1.0, "top_k": 50, "stop": None})
+    assert checkpointing.config_differences(grpo, now) == ["loss.epochs_per_iteration=2 (now 1)",
+                                                           "loss.sampling.top_k=(unset) (now 50)"]
 
 
 HOLD = """import sys, time

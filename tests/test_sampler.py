@@ -81,29 +81,44 @@ def test_hf_batches_left_padded_and_logprobs_are_the_trainers():
     assert model.training and model.config.use_cache is False, "generate must restore training mode and use_cache"
 
 
-def assert_on_policy_weight_is_one(sampler, model, prompt_list):
-    """TIS's weight exp(pi_old - q) with pi_old the trainer's tempered policy (PolicyGradientTrainer.policy_logps
-    on a packed batch) on samples the sampler just drew from the same weights: E_q[pi_old / q] = 1,
-    and per token the two log-probs agree (the sampler reports the tempered distribution)."""
-    params = SamplingParams(n=4, temperature=0.7, max_new_tokens=16, seed=3)
+def on_policy_logps(sampler, model, prompt_list, top_p: float = 1.0, truncate: bool = True):
+    """pi_old (the trainer's PolicyGradientTrainer.policy_logps on a packed batch) and q (what the
+    sampler reported) of every token of samples the sampler just drew from the same weights, at
+    T = 0.7 (and ``top_p``; ``truncate``: loss.truncate_like_sampler)."""
+    params = SamplingParams(n=4, temperature=0.7, top_p=top_p, max_new_tokens=16, seed=3)
     out = sampler.generate(prompt_list, params)
     pairs = [(p, s) for p, ss in zip(prompt_list, out) for s in ss]
     batch = pack([{"input_ids": p + s.token_ids, "labels": [IGNORE] * len(p) + s.token_ids} for p, s in pairs], 1024, 0)
-    trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": {"temperature": 0.7}}, "logprob_chunk_tokens": 64}))
+    sampling = {"temperature": 0.7, "top_p": top_p, "top_k": 0}
+    trainer = SimpleNamespace(cfg=OmegaConf.create({"loss": {"sampling": sampling, "truncate_like_sampler": truncate},
+                                                    "logprob_chunk_tokens": 64}))
     trainer.token_logps = functools.partial(Trainer.token_logps, trainer)
     with torch.no_grad():
         old = unpack(PolicyGradientTrainer.policy_logps(trainer, model, batch)[0], batch, len(pairs))
-    old = torch.cat(old)
-    q = torch.tensor([x for _, s in pairs for x in s.logprobs])
+    return torch.cat(old), torch.tensor([x for _, s in pairs for x in s.logprobs])
+
+
+def assert_on_policy_weight_is_one(sampler, model, prompt_list, top_p: float = 1.0):
+    """TIS's weight exp(pi_old - q) on samples the sampler just drew from the same weights:
+    E_q[pi_old / q] = 1, and per token the two log-probs agree (the sampler reports the tempered
+    distribution, truncated to top_p's set, and so does the trainer). Under top_p < 1 the full
+    softmax (``truncate_like_sampler=false``) gives the weight S, the kept mass, instead: its mean
+    is below 1 by more than the noise."""
+    old, q = on_policy_logps(sampler, model, prompt_list, top_p)
     weights = truncated_is_weight(old, q, cap=float("inf"))
     assert len(weights) > 200
     assert abs(weights.mean().item() - 1) < 1e-3, weights.mean()
     assert (old - q).abs().max() < 1e-4
+    if top_p < 1:
+        full, _ = on_policy_logps(sampler, model, prompt_list, top_p, truncate=False)
+        kept_mass = truncated_is_weight(full, q, cap=float("inf"))
+        assert kept_mass.max() <= 1 + 1e-4 and kept_mass.mean() < 0.99, kept_mass.mean()
 
 
-def test_hf_importance_weight_on_policy_is_one_under_temperature():
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_hf_importance_weight_on_policy_is_one_under_temperature(top_p):
     tok, model = tokenizer(), trained_tiny()
-    assert_on_policy_weight_is_one(HFSampler(model, tok, batch_size=16), model, prompts(tok, 16, start=150))
+    assert_on_policy_weight_is_one(HFSampler(model, tok, batch_size=16), model, prompts(tok, 16, start=150), top_p)
 
 
 def test_hf_eos_stop_strings_and_seeds():
@@ -288,8 +303,9 @@ def test_vllm_logprobs_are_the_trainers(engine):
         assert max_logp_diff(recomputed_logps(engine.model, p, out, params), out) < 1e-4
 
 
-def test_vllm_importance_weight_on_policy_is_one_under_temperature(engine):
-    assert_on_policy_weight_is_one(engine.vllm, engine.model, prompts(engine.tok, 16, start=150))
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_vllm_importance_weight_on_policy_is_one_under_temperature(engine, top_p):
+    assert_on_policy_weight_is_one(engine.vllm, engine.model, prompts(engine.tok, 16, start=150), top_p)
 
 
 def test_vllm_seeded_sampling_of_many_long_prompts(engine):
