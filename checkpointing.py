@@ -472,7 +472,8 @@ def config_differences(saved: dict, now: dict) -> list[str]:
             a[per_loss[loss]] = a.pop(old_key)
     unset = "(unset)"
     return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
-            if not may_change(k) and a.get(k, unset) != b.get(k, unset) and not (k not in a and b[k] == ADDED_AT.get(k))]
+            if not may_change(k) and a.get(k, unset) != b.get(k, unset)
+            and not (k not in a and b[k] == ADDED_AT.get(k))]
 
 def to_resume(run_dir: Path, cfg) -> Path | None:
     """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and the

@@ -1,7 +1,8 @@
-"""A trainer's evaluations (``loss_eval``, ``sample_eval``, ``reward_eval``, collective), and task accuracy: of an exported model by greedy decoding with HF ``generate`` (single-process
-and unsharded: ``<run_dir>/LATEST`` or a random-init config, what the demo prints before and after
-each stage), and during training of the completions the colocated sampler gives (collective), each
-checked by the datasets' verifier.
+"""A trainer's evaluations (``loss_eval``, ``sample_eval``, ``reward_eval``: collective, what
+``Trainer.evaluate`` logs), and task accuracy: of an exported model by greedy decoding with HF
+``generate`` (single-process and unsharded: ``<run_dir>/LATEST`` or a random-init config, what the
+demo prints before and after each stage), and during training of the completions the colocated
+sampler gives (collective), each checked by the datasets' verifier.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def sample_eval(trainer) -> dict:
     record = {"timing/weight_sync": trainer.sampler.sync_weights(trainer.model)}
     examples = trainer.eval_examples[: trainer.cfg.n_eval_model_samples]
     prompts = [seq["input_ids"][: prompt_length(seq)] for seq in (trainer.sequences(ex)[0] for ex in examples)]
-    completions = sample_completions(trainer.sampler, prompts, sampling_params(trainer.cfg.eval_sampling, "eval_sampling"))
+    params = sampling_params(trainer.cfg.eval_sampling, "eval_sampling")
+    completions = sample_completions(trainer.sampler, prompts, params)
     trainer.model.eval()
     accuracy = verified_fraction(trainer.cfg.datasets, [ex["prompt"] for ex in examples], completions)
     if accuracy is not None:
@@ -160,7 +162,8 @@ def reward_eval(trainer) -> dict:
     world, step = trainer.world, trainer.step
     examples = trainer.eval_examples[: len(trainer.eval_examples) // world * world]
     params = sampling_params(trainer.cfg.eval_sampling, "eval_sampling")
-    rollout = rollout_of(trainer.sampler, distributed.share(examples), params, trainer.tokenizer.eos_token_id, trainer.env)
+    rollout = rollout_of(trainer.sampler, distributed.share(examples), params, trainer.tokenizer.eos_token_id,
+                         trainer.env)
     trainer.rewards.score(rollout)
     rollout = Rollout.cat(distributed.gather([rollout]))
     if not len(rollout):

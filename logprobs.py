@@ -128,7 +128,8 @@ def token_logps(model, batch: dict, chunk: int | None = None, temperature: float
         if temperature != 1:
             logits = logits.float() / temperature
         if top_k > 0 or top_p < 1:
-            logits = truncate(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), top_k, top_p).view_as(logits)
+            flat = truncate(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), top_k, top_p)
+            logits = flat.view(*targets.shape, -1)
         logps, _ = target_logps(logits, targets)
         entropies = entropy(logits, entropy_grad) * mask if with_entropy else None
     else:

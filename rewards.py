@@ -78,12 +78,13 @@ def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dic
     return value, None
 
 
-def check_config(reward_cfg, env: bool = False) -> tuple[dict, dict]:
+def check_config(reward_cfg, env: bool = False, required: bool = True) -> tuple[dict, dict]:
     """``reward:``'s functions (loaded: a bad name stops the run before anything is built) and the
-    weight of each reward by name (models first, then functions, then the environment's)."""
+    weight of each reward by name (models first, then functions, then the environment's);
+    ``required``: the trainer learns from the scores, so something must score."""
     functions = {spec: load_function(spec) for spec in reward_cfg.functions}
     names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
-    if not names:
+    if not names and required:
         raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
     for path in reward_cfg.models:
         if not (Path(models.resolve(path)) / "config.json").exists():
@@ -101,13 +102,14 @@ class Rewards:
     and summed. A sample a function fails on gets ``invalid_score`` and an error; more than
     ``max_invalid_fraction`` of a rollout failing stops the run."""
 
-    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int, env: bool = False):
+    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int, env: bool = False,
+                 required: bool = True):
         """``layout(seqs, pad_id)``: the trainer's packer; ``batch_size``: samples per forward of a
         reward model on each rank; ``max_tokens``: the longest sequence a forward takes; ``env``:
         the samples are episodes, and the environment's rewards (summed) count as a reward "env"."""
         self.cfg, self.tokenizer = reward_cfg, tokenizer
         self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
-        self.functions, self.weights = check_config(reward_cfg, env)
+        self.functions, self.weights = check_config(reward_cfg, env, required)
         self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
 
     def add_model(self, path: str, model, tokenizer):

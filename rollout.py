@@ -48,6 +48,7 @@ class Rollout:
     returns: torch.Tensor | None = None       # [N, T]: the critic's targets
     is_weight: torch.Tensor | None = None     # [N, T]: truncated importance weight pi_old / sampler
     kl: torch.Tensor | None = None            # [N, T]: per-token KL estimate to the reference
+    teacher_logps: torch.Tensor | None = None  # [N, T]: on-policy distillation's teacher
     episodes: list | None = None              # multi-turn: what each episode was (environments.Episode)
 
     @staticmethod

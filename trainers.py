@@ -75,7 +75,7 @@ from data.toy_env import ENVIRONMENTS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from losses.rl import (AGGREGATIONS, AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights,
-                       cispo_loss, gae, grpo_advantages, gspo_loss, sapo_loss, importance_weights, kl_penalty, masked_whiten, ppo_policy_loss,
+                       cispo_loss, gae, grpo_advantages, gspo_loss, masked_mean, sapo_loss, importance_weights, kl_penalty, masked_whiten, ppo_policy_loss,
                        reinforce_pp_advantages, rloo_advantages, rollout_stats, sequence_ppo_loss, token_rewards,
                        value_loss)
 from metrics_log import MetricsLog, means
@@ -734,9 +734,10 @@ class ClippedConfig(PolicyGradientConfig):
     clip_high: Optional[float]
 
 
-def check_sampling(cfg, world: int):
+def check_sampling(cfg, world: int, reward_required: bool = True):
     """The checks of every trainer that samples ``rollout_batch_size`` prompts per iteration and
-    scores them; the reward functions and environment it names are loaded to check them."""
+    scores them (``reward_required``: it learns from the scores); the reward functions and
+    environment it names are loaded to check them."""
     loss = cfg.loss
     if loss.rollout_batch_size % world:
         raise ValueError(f"loss.rollout_batch_size={loss.rollout_batch_size} must be a multiple of the {world} ranks")
@@ -750,7 +751,7 @@ def check_sampling(cfg, world: int):
         models.model_config(models.config_for(cfg, path), key="reward.models")
     if cfg.env:
         environments.load_environment(cfg.env, ENVIRONMENTS)
-    rewards.check_config(cfg.reward, env=bool(cfg.env))
+    rewards.check_config(cfg.reward, env=bool(cfg.env), required=reward_required)
 
 
 def start_sampling(trainer):
@@ -763,7 +764,7 @@ def start_sampling(trainer):
         t.env = environments.EpisodeRunner(environments.load_environment(cfg.env, ENVIRONMENTS), t.tokenizer,
                                            cfg.max_turns, cfg.max_length, cfg.max_prompt_length, cfg.env_timeout_s)
     t.rewards = rewards.Rewards(cfg.reward, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
-                                env=t.env is not None)
+                                env=t.env is not None, required=getattr(t, "reward_required", lambda: True)())
     t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
     for path in cfg.reward.models:
         model_cfg = models.config_for(cfg, path)
@@ -808,6 +809,7 @@ class PolicyGradientTrainer(Trainer):
     starts_from_a_model = True
     plays_episodes = True
     critic = None  # PPOTrainer's
+    teacher = None  # DistillTrainer's
     loss_config = PolicyGradientConfig
 
     def __init__(self, cfg, device):
@@ -832,9 +834,13 @@ class PolicyGradientTrainer(Trainer):
         """The samples to train on (None: all of them)."""
         return None
 
+    def reward_required(self) -> bool:
+        """Whether the scores are what the policy learns from (on-policy distillation may not)."""
+        return True
+
     def check_config(self):
         super().check_config()
-        check_sampling(self.cfg, self.world)
+        check_sampling(self.cfg, self.world, self.reward_required())
         loss, samples = self.cfg.loss, self.cfg.loss.rollout_batch_size * self.cfg.loss.n_samples_per_prompt
         if samples % self.cfg.batch_size:
             raise ValueError(f"rollout_batch_size x n_samples_per_prompt = {samples} samples must split into "
@@ -909,7 +915,9 @@ class PolicyGradientTrainer(Trainer):
             scorers["ref_logps"] = lambda batch: self.policy_logps(self.reference, batch, truncated=False)[0]
         if self.critic is not None:
             scorers["old_values"] = lambda batch: self.critic(batch["input_ids"], batch["position_ids"])[0].float()
-        frozen = (self.reference,) if isinstance(self.reference, torch.nn.Module) else ()  # not an AdapterOff
+        if self.teacher is not None:
+            scorers["teacher_logps"] = lambda batch: self.policy_logps(self.teacher, batch, truncated=False)[0]
+        frozen = tuple(m for m in (self.reference, self.teacher) if isinstance(m, torch.nn.Module))  # not AdapterOff
         logprobs.score_tokens(rollout, self.collate, self.forward_size(), scorers, frozen)
 
     def estimate(self, rollout: Rollout) -> dict:
@@ -1189,6 +1197,64 @@ class SAPOTrainer(GRPOTrainer):
         return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
 
 
+@dataclass
+class DistillConfig(ClippedConfig):
+    teacher: Optional[str]  # the teacher's model directory (same tokenizer as the policy)
+    reward_weight: float  # 0: distillation alone; > 0: plus this times GRPO's group advantage of the reward
+
+
+class DistillTrainer(PolicyGradientTrainer):
+    """On-policy distillation (Agarwal et al. 2024's GKD with the reverse KL; the form of Qwen3 and
+    Thinking Machines): the student samples, a frozen teacher (``loss.teacher``, sharded like the
+    reference) scores every sampled token, and each token's advantage is minus the per-token
+    reverse KL, sampled:
+
+        A_t = -(log pi_student(y_t) - log pi_teacher(y_t))   [+ reward_weight x GRPO's A_i]
+
+    dense, undiscounted (each token answers for itself), trained with the clipped surrogate; on
+    policy its gradient is that of -KL(pi_student || pi_teacher) over the sampled sequences.
+    Both log-probs at the sampling temperature (T = 1 in distill.yaml)."""
+
+    loss_config = DistillConfig
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        teacher_cfg = models.config_for(cfg, cfg.loss.teacher)
+        self.teacher = self.models.frozen(teacher_cfg)
+
+    def reward_required(self) -> bool:
+        return self.cfg.loss.reward_weight > 0
+
+    def check_config(self):
+        super().check_config()
+        loss = self.cfg.loss
+        if not loss.teacher:
+            raise models.ConfigError("loss=distill needs a teacher: loss.teacher=<its model directory, e.g. a run's "
+                                     "LATEST export>")
+        teacher_cfg = models.config_for(self.cfg, loss.teacher)
+        models.model_config(teacher_cfg, key="loss.teacher")
+        ours, theirs = models.load_tokenizer(self.cfg.model), models.load_tokenizer(teacher_cfg)
+        if ours.get_vocab() != theirs.get_vocab():
+            raise models.ConfigError(f"loss.teacher={loss.teacher}: its tokenizer is not the policy's: on-policy "
+                                     f"distillation compares the two models' log-probs token by token; use a teacher "
+                                     f"with the policy's tokenizer")
+        if loss.reward_weight > 0 and loss.n_samples_per_prompt < 2:
+            raise ValueError("loss.reward_weight > 0 adds GRPO's group advantage: n_samples_per_prompt must be >= 2")
+
+    def advantages(self, rollout: Rollout):
+        loss, mask = self.cfg.loss, rollout.mask
+        rollout.advantages = -(rollout.old_logps - rollout.teacher_logps) * mask
+        if loss.reward_weight > 0:
+            scores = rollout.scores - self.reward_kl_coef() * rollout.kl.sum(1)
+            group = grpo_advantages(scores, loss.n_samples_per_prompt)[:, None] * mask
+            rollout.advantages = rollout.advantages + loss.reward_weight * group
+
+    def estimate(self, rollout: Rollout) -> dict:
+        record = super().estimate(rollout)
+        record["distill/reverse_kl"] = masked_mean(rollout.old_logps - rollout.teacher_logps, rollout.mask).item()
+        return record
+
+
 # --- the online loops ---------------------------------------------------------------------------
 
 def online(base):
@@ -1328,5 +1394,5 @@ class RAFTTrainer(online(SFTTrainer)):
 
 TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, RewardTrainer, DPOTrainer, IPOTrainer, KTOTrainer, SimPOTrainer,
                                           ORPOTrainer, PPOTrainer, GRPOTrainer, RLOOTrainer, ReinforcePPTrainer,
-                                          GSPOTrainer, CISPOTrainer, SAPOTrainer,
+                                          GSPOTrainer, CISPOTrainer, SAPOTrainer, DistillTrainer,
                                           OnlineDPOTrainer, RAFTTrainer)}

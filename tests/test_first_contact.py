@@ -142,7 +142,7 @@ def test_each_key_means_one_thing_and_the_old_names_say_the_new_one():
     # one name per meaning across the loss files
     meanings = {"beta": {"dpo", "cdpo", "kto", "online_dpo"}, "gamma": {"ppo", "reinforce_pp"}, "margin": {"rm"},
                 "epochs_per_iteration": {"ppo", "grpo", "rloo", "reinforce_pp", "online_dpo", "raft", "gspo", "cispo",
-                                         "sapo"}}
+                                         "sapo", "distill"}}
     for key, losses in meanings.items():
         having = {p.stem for p in (REPO / "config" / "loss").glob("*.yaml") if key in OmegaConf.load(p)}
         assert having == losses, key
@@ -165,7 +165,7 @@ def test_sampling_sections_and_sampler_keys_are_checked(tmp_path):
     for path in (REPO / "config" / "loss").glob("*.yaml"):
         if "sampling" in OmegaConf.load(path):
             sections[path.stem] = OmegaConf.load(path).sampling
-    assert len(sections) == 10 and all(set(s) == keys for s in sections.values()), sections
+    assert len(sections) == 11 and all(set(s) == keys for s in sections.values()), sections
     with pytest.raises(overrides.OverrideError, match=r"^loss\.sampling\.topk is not a sampling option: did you mean "
                                           r"loss\.sampling\.top_k\?$"):
         sampler.sampling_params({**sections["grpo"], "topk": 5}, "loss.sampling")

@@ -17,7 +17,8 @@ import models
 from conftest import make_cfg, run_ranks
 from data.tokenize import prompt_ids, response_ids
 from data.toy import add_answer
-from helpers import FixedCompletions, assert_same_run, metrics, rl_overrides, rl_run, with_fixed_completions
+from helpers import (FixedCompletions, assert_same_run, metrics, rl_overrides, rl_run, tiny_checkpoint, trained_tiny,
+                     with_fixed_completions)
 from rollout import Rollout
 from sampler import Sample, SamplingParams
 from trainers import TRAINERS, GRPOTrainer
@@ -50,11 +51,14 @@ def test_fixed_rollout_two_ranks_equal_one(tmp_path):
 @pytest.mark.parametrize("loss,extra,metric", [("gspo", (), "policy/clipfrac/train"),
                                                 ("gspo", ("loss.token_level=true",), "policy/clipfrac/train"),
                                                 ("cispo", (), "policy/clipfrac/train"),
-                                                ("sapo", (), "policy/gate_mean/train")])
+                                                ("sapo", (), "policy/gate_mean/train"),
+                                                ("distill", (), "distill/reverse_kl")])
 def test_the_2026_objectives_train_the_same_on_two_ranks_as_on_one(tmp_path, loss, extra, metric):
-    """GSPO (and GSPO-token), CISPO and SAPO through the trainer: the loss each sums over a
-    micro-batch, divided by the global count of its units, gives one rank's run on two; the second
-    epoch over each rollout is off-policy, so the clip or the gate acts."""
+    """GSPO (and GSPO-token), CISPO, SAPO and on-policy distillation through the trainer: the loss
+    each sums over a micro-batch, divided by the global count of its units, gives one rank's run on
+    two; the second epoch over each rollout is off-policy, so the clip or the gate acts."""
+    if loss == "distill":
+        extra = (f"loss.teacher={tiny_checkpoint(tmp_path / 'teacher', trained_tiny())}",)
     results = {}
     for world in (1, 2):
         run_dir = tmp_path / f"w{world}"
@@ -346,3 +350,31 @@ def test_under_top_p_the_trainer_computes_the_distribution_the_sampler_drew_from
         assert record["rollout/logp_mismatch"] < 1e-4 and record["rollout/is_weight_mean"] == pytest.approx(1, abs=1e-4)
     else:
         assert record["rollout/logp_mismatch"] > 1e-2 and record["rollout/is_weight_mean"] < 0.99
+
+
+def test_on_policy_distillation_moves_the_student_toward_the_teacher(tmp_path):
+    """loss=distill: a random-init student samples, the trained tiny model (helpers.trained_tiny)
+    scores each sampled token, and minus the per-token reverse KL as the advantage takes the
+    student toward it: the sampled reverse KL falls by a third in 12 iterations. No reward is
+    needed (reward_weight 0)."""
+    teacher = tiny_checkpoint(tmp_path / "teacher", trained_tiny())
+    run_dir = tmp_path / "student"
+    overrides = [f"run_dir={run_dir}", "loss=distill", f"loss.teacher={teacher}", "datasets=[toy_sort_prompts]",
+                 "sampler=hf", "loss.rollout_batch_size=8", "loss.n_samples_per_prompt=4", "batch_size=16",
+                 "n_examples=96", "n_eval_examples=0", "lr=3e-3", "warmup_steps=1", "max_length=64",
+                 "max_prompt_length=40", "loss.sampling.max_new_tokens=12", "eval_at_start=false"]
+    run_ranks(rl_run, 1, tmp_path, overrides, None, False)
+    kl = [r["distill/reverse_kl"] for r in metrics(run_dir) if "distill/reverse_kl" in r]
+    assert len(kl) == 12 and sum(kl[-3:]) / 3 < 0.67 * sum(kl[:3]) / 3, kl
+
+
+def test_distillation_refuses_a_teacher_with_another_tokenizer(tmp_path, real_model, single_process):
+    """The real model's tokenizer is not the tiny model's: the log-probs of the two cannot be
+    compared token by token, and the run says so before anything is built."""
+    from models import ConfigError
+
+    cfg = make_cfg(*rl_overrides(tmp_path / "x", "distill", f"loss.teacher={real_model}"))
+    with pytest.raises(ConfigError, match="its tokenizer is not the policy's"):
+        TRAINERS[cfg.loss.trainer](cfg, distributed.device())
+    with pytest.raises(ConfigError, match=r"^loss=distill needs a teacher: loss\.teacher="):
+        TRAINERS[cfg.loss.trainer](make_cfg(*rl_overrides(tmp_path / "y", "distill")), distributed.device())
