@@ -100,7 +100,8 @@ def test_override_mistakes_name_the_closest_key_or_the_equivalent():
     assert error("loss=dpo", "loss.bta=0.1") == "unknown key loss.bta (in loss.bta=0.1): did you mean loss.beta?"
     assert error("lossbeta=0.1").endswith("did you mean loss.beta?")
     assert error("loss.beta=0.1").startswith("loss.beta (in loss.beta=0.1) is not an option of loss=sft: it is one of loss=cdpo")
-    assert error("loss=dpoo").startswith("loss=dpoo: there is no config/loss/dpoo.yaml; choose one of cdpo, dpo")
+    assert error("loss=dpoo").startswith("loss=dpoo: there is no config/loss/dpoo.yaml; choose one of cdpo, ")
+    assert ", dpo, " in error("loss=dpoo")
     assert "n_examples=" in error("data_fraction=0.1") and "datasets=[" in error("prefs_path=/data/pairs.jsonl")
     assert "torchrun --nproc_per_node 1" in error("trainer=BasicTrainer")
     warned = []
