@@ -33,11 +33,11 @@ def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return logps.view_as(targets) * mask, mask
 
 
-def entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
+def entropy(logits: torch.Tensor, grad: bool, truncated: bool = False) -> torch.Tensor:
     """``entropy_from_logits``; without ``grad`` autograd keeps nothing for it (a softmax over the
     vocabulary per position)."""
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return entropy_from_logits(logits.float())
+        return entropy_from_logits(logits.float(), truncated)
 
 
 def truncate(logits: torch.Tensor, targets: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -71,10 +71,11 @@ def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, te
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1:
         logits = logits / temperature
-    if top_k > 0 or top_p < 1:
+    truncated = top_k > 0 or top_p < 1
+    if truncated:
         logits = truncate(logits, targets, top_k, top_p)
     logps = -F.cross_entropy(logits, targets, reduction="none")
-    return logps, entropy(logits, entropy_grad) if with_entropy else torch.zeros_like(logps)
+    return logps, entropy(logits, entropy_grad, truncated) if with_entropy else torch.zeros_like(logps)
 
 
 def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
@@ -131,7 +132,7 @@ def token_logps(model, batch: dict, chunk: int | None = None, temperature: float
             flat = truncate(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), top_k, top_p)
             logits = flat.view(*targets.shape, -1)
         logps, _ = target_logps(logits, targets)
-        entropies = entropy(logits, entropy_grad) * mask if with_entropy else None
+        entropies = entropy(logits, entropy_grad, top_k > 0 or top_p < 1) * mask if with_entropy else None
     else:
         forward = getattr(model, "chunked_logps", None) or functools.partial(chunked_logps, model)
         logps, entropies = forward(batch["input_ids"], batch["position_ids"], targets, chunk, temperature,

@@ -417,10 +417,12 @@ def value_loss(values, old_values, returns, mask, clip: float | None):
     return 0.5 * loss * mask
 
 
-def entropy_from_logits(logits):
+def entropy_from_logits(logits, truncated: bool = False):
     """Entropy of softmax(logits) along the last dimension, H = logsumexp(l) - sum softmax(l) l,
-    stable for large logits. [..., V] -> [...]. A logit may be -inf (a token a truncated
-    distribution removed): it adds nothing."""
+    stable for large logits. [..., V] -> [...]. With ``truncated`` a logit may be -inf (a token a
+    top-k/top-p truncation removed): it adds nothing (one [..., V] temporary more, so only then)."""
+    if not truncated:
+        return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     p = torch.softmax(logits, dim=-1)
     finite = torch.where(p > 0, logits, 0.0)  # not p * -inf: its gradient would be NaN
     return torch.logsumexp(logits, dim=-1) - (p * finite).sum(-1)
