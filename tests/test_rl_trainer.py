@@ -184,6 +184,8 @@ def estimated(tmp_path, loss: str, *extra) -> Rollout:
     rollout.ref_logps = padded(lambda i, t: -1.1 - 0.05 * t)
     if trainer.critic is not None:
         rollout.old_values = padded(lambda i, t: 0.2 * t - 0.1 * i)
+    if trainer.teacher is not None:
+        rollout.teacher_logps = padded(lambda i, t: -0.8 - 0.15 * t + 0.05 * i)
     trainer.estimate(rollout)
     return rollout
 
@@ -194,7 +196,8 @@ def samples_of(rollout: Rollout) -> list[dict]:
     for i in range(len(rollout)):
         n = int(rollout.lengths[i])
         row = {"score": rollout.scores[i].item(), "n": n}
-        for name in ("old_logps", "ref_logps", "sampler_logps", "old_values", "advantages", "returns", "is_weight"):
+        for name in ("old_logps", "ref_logps", "sampler_logps", "old_values", "advantages", "returns", "is_weight",
+                     "teacher_logps"):
             if getattr(rollout, name) is not None:
                 row[name] = getattr(rollout, name)[i, :n].tolist()
         out.append(row)
@@ -245,6 +248,22 @@ def sometimes(prompt, completion, **row):
 def always(prompt, completion, **row):
     raise KeyError("answer_key")
 '''
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_distillation_advantage_is_minus_the_sampled_reverse_kl(tmp_path, single_process, weight):
+    """On-policy distillation: A_t = -(log pi_student(y_t) - log pi_teacher(y_t)) per token, plus
+    reward_weight x GRPO's group advantage (s_i - mean) / (unbiased std + 1e-6) of the prompt's
+    samples, written out."""
+    teacher = tiny_checkpoint(tmp_path / "teacher")
+    samples = samples_of(estimated(tmp_path, "distill", f"loss.teacher={teacher}", f"loss.reward_weight={weight}"))
+    for group in (samples[:2], samples[2:]):
+        mean = sum(s["score"] for s in group) / 2
+        std = math.sqrt(sum((s["score"] - mean) ** 2 for s in group) / (2 - 1))
+        for s in group:
+            want = [-(old - teach) + weight * (s["score"] - mean) / (std + 1e-6)
+                    for old, teach in zip(s["old_logps"], s["teacher_logps"])]
+            assert s["advantages"] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 def test_failing_reward_functions_are_reported_and_bounded(tmp_path, single_process):
