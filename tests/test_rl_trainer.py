@@ -154,8 +154,8 @@ def test_filter_groups_trains_only_on_prompts_whose_samples_differ(tmp_path):
 
 def test_filter_groups_needs_a_per_prompt_baseline(tmp_path):
     """Only GRPO's family (GRPO, RLOO, GSPO, CISPO, SAPO) has a per-prompt baseline, so only their
-    configs have the key: under
-    loss=ppo it is refused before anything runs (it was a runtime check of loss.advantage)."""
+    configs have the key: under loss=ppo it is refused before anything runs (it was a runtime check
+    of loss.advantage)."""
     import overrides
 
     with pytest.raises(overrides.OverrideError, match="filter_groups .* not an option of loss=ppo: it is one of "
