@@ -754,7 +754,7 @@ def check_sampling(cfg, world: int, reward_required: bool = True):
     rewards.check_config(cfg.reward, env=bool(cfg.env), required=reward_required)
 
 
-def start_sampling(trainer):
+def start_sampling(trainer, reward_required: bool = True):
     """What a trainer that samples holds besides its models: ``env`` (the environment's episode
     runner, ``env=``), ``rewards`` (the functions, and the reward models, sharded like the policy)
     and the colocated ``sampler``, built from the policy."""
@@ -764,7 +764,7 @@ def start_sampling(trainer):
         t.env = environments.EpisodeRunner(environments.load_environment(cfg.env, ENVIRONMENTS), t.tokenizer,
                                            cfg.max_turns, cfg.max_length, cfg.max_prompt_length, cfg.env_timeout_s)
     t.rewards = rewards.Rewards(cfg.reward, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
-                                env=t.env is not None, required=getattr(t, "reward_required", lambda: True)())
+                                env=t.env is not None, required=reward_required)
     t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
     for path in cfg.reward.models:
         model_cfg = models.config_for(cfg, path)
@@ -792,6 +792,13 @@ def sample_rollout(trainer) -> tuple[Rollout, dict]:
     return rollout, timing
 
 
+def token_term(per_token, stats: dict, mask, weights) -> tuple[torch.Tensor, dict]:
+    """A per-token policy loss summed with the aggregation ``weights``, and its metrics (means over
+    the tokens) as {name: (sum, count)}: what ``policy_loss`` returns."""
+    tokens = mask.sum()
+    return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
+
+
 class PolicyGradientTrainer(Trainer):
     """On-policy RL as one SPMD program: policy, frozen reference, reward models (and PPO's critic)
     are FSDP modules on the same ranks, and the colocated sampler generates from the policy's
@@ -814,7 +821,7 @@ class PolicyGradientTrainer(Trainer):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        start_sampling(self)
+        start_sampling(self, self.reward_required())
         loss = cfg.loss
         self.reference = self.models.frozen(cfg.model, self.model) if loss.kl_coef > 0 else None
         if loss.kl_target:
@@ -973,12 +980,9 @@ class PolicyGradientTrainer(Trainer):
         if self.sequence_level():
             per_seq, stats = sequence_ppo_loss(logps, batch["old_logps"], batch["advantages"], mask, batch["seq_ids"], n,
                                                loss.clip, loss.clip_high, is_weight=batch["is_weight"])
-            total, units = per_seq.sum(), n
-        else:
-            per_token, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
-                                               loss.clip_high, is_weight=batch["is_weight"])
-            total, units = (per_token * weights).sum(), mask.sum()
-        return total, {f"policy/{k}": (v * units, units) for k, v in stats.items()}
+            return per_seq.sum(), {f"policy/{k}": (v * n, n) for k, v in stats.items()}
+        return token_term(*ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss.clip,
+                                           loss.clip_high, is_weight=batch["is_weight"]), mask, weights)
 
     def critic_loss(self, batch: dict, mask, weights, metrics: dict):
         """PPO's value loss, summed with ``weights`` (nothing without a critic)."""
@@ -1167,10 +1171,8 @@ class CISPOTrainer(GRPOTrainer):
         return False
 
     def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
-        per_token, stats = cispo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.clip,
-                                      self.cfg.loss.clip_high, is_weight=batch["is_weight"])
-        tokens = mask.sum()
-        return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
+        return token_term(*cispo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.clip,
+                                      self.cfg.loss.clip_high, is_weight=batch["is_weight"]), mask, weights)
 
 
 @dataclass
@@ -1191,10 +1193,8 @@ class SAPOTrainer(GRPOTrainer):
         return False
 
     def policy_loss(self, logps, mask, batch: dict, weights, n: int) -> tuple[torch.Tensor, dict]:
-        per_token, stats = sapo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.tau_pos,
-                                     self.cfg.loss.tau_neg, is_weight=batch["is_weight"])
-        tokens = mask.sum()
-        return (per_token * weights).sum(), {f"policy/{k}": (v * tokens, tokens) for k, v in stats.items()}
+        return token_term(*sapo_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.loss.tau_pos,
+                                     self.cfg.loss.tau_neg, is_weight=batch["is_weight"]), mask, weights)
 
 
 @dataclass
