@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import distributed
 from data.packing import IGNORE, unpack
-from losses.rl import entropy_from_logits
+from losses.rl import entropy_from_logits, generalized_jsd
 
 
 def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +61,20 @@ def truncate(logits: torch.Tensor, targets: torch.Tensor, top_k: int, top_p: flo
     return logits.masked_fill(remove, float("-inf"))
 
 
-def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, temperature: float, with_entropy: bool,
-               entropy_grad: bool, top_k: int = 0, top_p: float = 1.0):
-    """One chunk: log p(target) under softmax(head(hidden) / temperature) (truncated to ``top_k``,
-    ``top_p`` as the sampler does: ``truncate``), and its entropy; the logits soft-capped as Gemma-2
-    and 3 do (``final_logit_softcapping``)."""
+def head_logits(hidden, head: torch.nn.Linear, softcap: float | None, temperature: float) -> torch.Tensor:
+    """The LM head's fp32 logits of ``hidden`` at ``temperature``, soft-capped as Gemma-2 and 3 do
+    (``final_logit_softcapping``)."""
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    if temperature != 1:
-        logits = logits / temperature
+    return logits / temperature if temperature != 1 else logits
+
+
+def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, temperature: float, with_entropy: bool,
+               entropy_grad: bool, top_k: int = 0, top_p: float = 1.0):
+    """One chunk: log p(target) under softmax(head(hidden) / temperature) (truncated to ``top_k``,
+    ``top_p`` as the sampler does: ``truncate``), and its entropy."""
+    logits = head_logits(hidden, head, softcap, temperature)
     truncated = top_k > 0 or top_p < 1
     if truncated:
         logits = truncate(logits, targets, top_k, top_p)
@@ -78,41 +82,83 @@ def head_logps(hidden, head: torch.nn.Linear, softcap: float | None, targets, te
     return logps, entropy(logits, entropy_grad, truncated) if with_entropy else torch.zeros_like(logps)
 
 
+def head_jsd(hidden, head: torch.nn.Linear, softcap: float | None, teacher_logps, temperature: float, beta: float):
+    """One chunk: ``generalized_jsd`` of the student's tempered distribution from the teacher's."""
+    return generalized_jsd(head_logits(hidden, head, softcap, temperature).log_softmax(-1), teacher_logps, beta)
+
+
+def scored_at(targets: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the positions that have a target; at least one position, so the head is
+    in every rank's graph even with nothing to score (FSDP2 reduces its gradient on every rank):
+    its value is masked out by ``scatter_scored``."""
+    scored = targets.flatten() != IGNORE
+    return scored.nonzero().squeeze(1) if scored.any() else targets.new_zeros(1)
+
+
+def scatter_scored(values: torch.Tensor, at: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N] values at ``scored_at``'s positions -> [B, T], zero where there is no target."""
+    mask = (targets != IGNORE).float()  # a product, not a view, is what FSDP2 hooks the backward on
+    return torch.zeros(targets.numel(), dtype=torch.float32, device=targets.device).index_put((at,), values) \
+        .view_as(targets) * mask
+
+
+def scored_hidden(model, input_ids, position_ids, targets):
+    """The decoder's last hidden state at ``scored_at``'s positions [N, H], those positions, and the
+    LM head with its soft-cap: a prompt's positions need the decoder, not the head (on SmolLM2-135M
+    the head is a fifth of the model's FLOPs, and RL's prompts most of a sequence)."""
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    at = scored_at(targets)
+    head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    return hidden.flatten(0, 1)[at], at, head, softcap
+
+
 def chunked_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0,
                   with_entropy: bool = False, entropy_grad: bool = True, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] log-probs of ``targets`` and entropies (zeros without ``with_entropy``), both zero
-    where there is no target, the LM head applied ``chunk`` positions at a time and only at the
-    positions that have a target: a prompt's positions need the decoder, not the head (on
-    SmolLM2-135M the head is a fifth of the model's FLOPs, and RL's prompts most of a sequence).
-    Under FSDP2 this runs as a forward of the root module (``register``), so the root's weights
-    (embeddings, LM head) are gathered as in ``model(...)``."""
-    hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    flat_targets = targets.flatten()
-    scored = flat_targets != IGNORE
-    # at least one position, so the head is in every rank's graph even with nothing to score
-    # (FSDP2 reduces its gradient on every rank); its value is masked out below
-    at = scored.nonzero().squeeze(1) if scored.any() else flat_targets.new_zeros(1)
-    hidden, kept_targets = hidden.flatten(0, 1)[at], flat_targets[at].clamp(min=0)
-    head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    where there is no target, the LM head applied ``chunk`` scored positions at a time. Under FSDP2
+    this runs as a forward of the root module (``register``), so the root's weights (embeddings,
+    LM head) are gathered as in ``model(...)``."""
+    hidden, at, head, softcap = scored_hidden(model, input_ids, position_ids, targets)
+    kept_targets = targets.flatten()[at].clamp(min=0)
     recompute = torch.is_grad_enabled()  # without gradients nothing is kept, so there is nothing to recompute
     parts = []
     for start in range(0, len(kept_targets), chunk):
         args = (hidden[start:start + chunk], head, softcap, kept_targets[start:start + chunk], temperature, with_entropy,
                 entropy_grad, top_k, top_p)
         parts.append(checkpoint(head_logps, *args, use_reentrant=False) if recompute else head_logps(*args))
-    mask = (targets != IGNORE).float()  # a product, not a view, is what FSDP2 hooks the backward on
-    logps, entropies = (torch.zeros(flat_targets.shape, dtype=torch.float32, device=targets.device)
-                        .index_put((at,), torch.cat(p)).view_as(targets) * mask for p in zip(*parts))
+    logps, entropies = (scatter_scored(torch.cat(p), at, targets) for p in zip(*parts))
     return logps, entropies
 
 
+def chunked_vocab_logps(model, input_ids, position_ids, targets, chunk: int, temperature: float = 1.0):
+    """[N, V] fp32 log-softmax of the whole tempered distribution at ``scored_at``'s positions (a
+    teacher's, under no_grad), the head ``chunk`` positions at a time."""
+    hidden, _, head, softcap = scored_hidden(model, input_ids, position_ids, targets)
+    return torch.cat([head_logits(hidden[start:start + chunk], head, softcap, temperature).log_softmax(-1)
+                      for start in range(0, len(hidden), chunk)])
+
+
+def chunked_jsd(model, input_ids, position_ids, targets, teacher_logps, chunk: int, temperature: float,
+                beta: float) -> torch.Tensor:
+    """[B, T] ``generalized_jsd`` of the model's tempered distribution from ``teacher_logps``
+    (``chunked_vocab_logps``'s rows), zero where there is no target; each chunk under
+    ``torch.utils.checkpoint`` as in ``chunked_logps``."""
+    hidden, at, head, softcap = scored_hidden(model, input_ids, position_ids, targets)
+    parts = [checkpoint(head_jsd, hidden[start:start + chunk], head, softcap, teacher_logps[start:start + chunk],
+                        temperature, beta, use_reentrant=False) for start in range(0, len(hidden), chunk)]
+    return scatter_scored(torch.cat(parts), at, targets)
+
+
 def register(model):
-    """Give a sharded causal LM ``model.chunked_logps``, run by FSDP2 as a forward of the root."""
+    """Give a sharded causal LM the chunked methods (``model.chunked_logps`` ...), run by FSDP2 as
+    forwards of the root."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    model.chunked_logps = functools.partial(chunked_logps, model)
-    register_fsdp_forward_method(model, "chunked_logps")
+    for name, method in (("chunked_logps", chunked_logps), ("chunked_vocab_logps", chunked_vocab_logps),
+                         ("chunked_jsd", chunked_jsd)):
+        setattr(model, name, functools.partial(method, model))
+        register_fsdp_forward_method(model, name)
 
 
 def token_logps(model, batch: dict, chunk: int | None = None, temperature: float = 1.0,
@@ -139,6 +185,33 @@ def token_logps(model, batch: dict, chunk: int | None = None, temperature: float
                                    with_entropy, entropy_grad, top_k, top_p)
         entropies = entropies if with_entropy else None
     return (logps, mask, entropies) if with_entropy else (logps, mask)
+
+
+def vocab_logps(model, batch: dict, chunk: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """[N, V] log-softmax of the whole tempered distribution at each of the batch's positions that
+    has a target (``scored_at``'s), in fp32: a distillation teacher's, under no_grad. ``chunk`` as
+    in ``token_logps``. N x V floats: 0.4 GB for 2,048 targets over SmolLM2's 49k vocabulary."""
+    targets = batch["targets"]
+    if chunk is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return (logits.float().flatten(0, 1)[scored_at(targets)] / temperature).log_softmax(-1)
+    forward = getattr(model, "chunked_vocab_logps", None) or functools.partial(chunked_vocab_logps, model)
+    return forward(batch["input_ids"], batch["position_ids"], targets, chunk, temperature)
+
+
+def jsd(model, batch: dict, teacher_logps: torch.Tensor, beta: float, chunk: int | None = None,
+        temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] ``generalized_jsd`` of ``model``'s tempered distribution from the teacher's
+    (``vocab_logps`` of the same batch) at each position that has a target, zero elsewhere;
+    differentiable. ``chunk`` as in ``token_logps``."""
+    targets = batch["targets"]
+    if chunk is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        at = scored_at(targets)
+        student = (logits.float().flatten(0, 1)[at] / temperature).log_softmax(-1)
+        return scatter_scored(generalized_jsd(student, teacher_logps, beta), at, targets)
+    forward = getattr(model, "chunked_jsd", None) or functools.partial(chunked_jsd, model)
+    return forward(batch["input_ids"], batch["position_ids"], targets, teacher_logps, chunk, temperature, beta)
 
 
 # The largest difference between the chunked path's log-probs and the full logits' on a model

@@ -1200,20 +1200,33 @@ class SAPOTrainer(GRPOTrainer):
 @dataclass
 class DistillConfig(ClippedConfig):
     teacher: Optional[str]  # the teacher's model directory (same tokenizer as the policy)
+    divergence: str  # sampled_reverse_kl | jsd
+    jsd_beta: float  # divergence=jsd: GKD's beta (0: forward KL, 1: reverse KL)
     reward_weight: float  # 0: distillation alone; > 0: plus this times GRPO's group advantage of the reward
 
 
+DIVERGENCES = ("sampled_reverse_kl", "jsd")
+
+
 class DistillTrainer(PolicyGradientTrainer):
-    """On-policy distillation (Agarwal et al. 2024's GKD with the reverse KL; the form of Qwen3 and
-    Thinking Machines): the student samples, a frozen teacher (``loss.teacher``, sharded like the
-    reference) scores every sampled token, and each token's advantage is minus the per-token
-    reverse KL, sampled:
+    """On-policy distillation (Agarwal et al. 2024's GKD): the student samples, a frozen teacher
+    (``loss.teacher``, sharded like the reference) scores the samples, and the student moves toward
+    it at every sampled position. ``loss.divergence`` says how:
+
+    - ``sampled_reverse_kl`` (the form of Qwen3 and Thinking Machines): each token's advantage is
+      minus the per-token reverse KL, sampled,
 
         A_t = -(log pi_student(y_t) - log pi_teacher(y_t))   [+ reward_weight x GRPO's A_i]
 
-    dense, undiscounted (each token answers for itself), trained with the clipped surrogate; on
-    policy its gradient is that of -KL(pi_student || pi_teacher) over the sampled sequences.
-    Both log-probs at the sampling temperature (T = 1 in distill.yaml)."""
+      dense, undiscounted (each token answers for itself), trained with the clipped surrogate; on
+      policy its gradient is that of -KL(pi_student || pi_teacher) over the sampled sequences.
+    - ``jsd``: GKD's generalised JSD with ``jsd_beta`` over the whole vocabulary at each sampled
+      position (``losses.rl.generalized_jsd``), minimised directly (``jsd_loss``): the teacher's
+      full distribution is computed per micro-batch, N x V floats. The clipped surrogate then
+      carries only the reward's advantage, and runs (a second forward) only where there is a
+      reward, a reference or an entropy bonus.
+
+    Both distributions at the sampling temperature (T = 1 in distill.yaml), untruncated."""
 
     loss_config = DistillConfig
 
@@ -1231,6 +1244,10 @@ class DistillTrainer(PolicyGradientTrainer):
         if not loss.teacher:
             raise models.ConfigError("loss=distill needs a teacher: loss.teacher=<its model directory, e.g. a run's "
                                      "LATEST export>")
+        if loss.divergence not in DIVERGENCES:
+            raise ValueError(f"loss.divergence={loss.divergence}: one of {', '.join(DIVERGENCES)}")
+        if not 0 <= loss.jsd_beta <= 1:
+            raise ValueError(f"loss.jsd_beta={loss.jsd_beta}: GKD's beta is in [0, 1] (0: forward KL, 1: reverse KL)")
         teacher_cfg = models.config_for(self.cfg, loss.teacher)
         models.model_config(teacher_cfg, key="loss.teacher")
         ours, theirs = models.load_tokenizer(self.cfg.model), models.load_tokenizer(teacher_cfg)
@@ -1243,7 +1260,10 @@ class DistillTrainer(PolicyGradientTrainer):
 
     def advantages(self, rollout: Rollout):
         loss, mask = self.cfg.loss, rollout.mask
-        rollout.advantages = -(rollout.old_logps - rollout.teacher_logps) * mask
+        if loss.divergence == "sampled_reverse_kl":
+            rollout.advantages = -(rollout.old_logps - rollout.teacher_logps) * mask
+        else:
+            rollout.advantages = torch.zeros_like(rollout.old_logps)
         if loss.reward_weight > 0:
             scores = rollout.scores - self.reward_kl_coef() * rollout.kl.sum(1)
             group = grpo_advantages(scores, loss.n_samples_per_prompt)[:, None] * mask
@@ -1253,6 +1273,26 @@ class DistillTrainer(PolicyGradientTrainer):
         record = super().estimate(rollout)
         record["distill/reverse_kl"] = masked_mean(rollout.old_logps - rollout.teacher_logps, rollout.mask).item()
         return record
+
+    def loss(self, batch: dict, rollout: Rollout) -> tuple[torch.Tensor, dict]:
+        return self.jsd_loss(batch, rollout) if self.cfg.loss.divergence == "jsd" else super().loss(batch, rollout)
+
+    def jsd_loss(self, batch: dict, rollout: Rollout) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's generalised JSD summed with ``aggregation_weights`` (plus the clipped
+        surrogate's loss where a reward, reference or entropy bonus needs it)."""
+        loss, chunk = self.cfg.loss, self.cfg.logprob_chunk_tokens
+        temperature = loss.sampling.temperature
+        with torch.no_grad():
+            teacher = logprobs.vocab_logps(self.teacher, batch, chunk, temperature)
+        divergence = logprobs.jsd(self.model, batch, teacher, loss.jsd_beta, chunk, temperature)
+        mask = (batch["targets"] != IGNORE).float()
+        weights = aggregation_weights(mask, batch["seq_ids"], len(rollout), loss.aggregation,
+                                      loss.sampling.max_new_tokens)
+        total, metrics = (divergence * weights).sum(), {"distill/jsd": (divergence.sum().detach(), mask.sum())}
+        if loss.reward_weight > 0 or self.reference is not None or loss.entropy_coef:
+            rest, more = super().loss(batch, rollout)
+            total, metrics = total + rest, {**more, **metrics}
+        return total, metrics
 
 
 # --- the online loops ---------------------------------------------------------------------------

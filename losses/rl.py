@@ -9,6 +9,8 @@ gradient reaches them. Per-token losses come back unreduced; the trainer picks t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from data.packing import per_sequence
@@ -415,6 +417,26 @@ def value_loss(values, old_values, returns, mask, clip: float | None):
         v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
         loss = torch.maximum(loss, (v_clip - returns) ** 2)
     return 0.5 * loss * mask
+
+
+def generalized_jsd(student_logps, teacher_logps, beta: float):
+    """GKD's generalised Jensen-Shannon divergence (Agarwal et al. 2024, arXiv:2306.13649, eq. 2)
+    between the teacher's distribution P_T and the student's P_S at each position, over the whole
+    vocabulary, from their log-probs [..., V] -> [...]:
+
+        M = beta P_T + (1 - beta) P_S
+        JSD(beta) = beta KL(P_T || M) + (1 - beta) KL(P_S || M)
+
+    It tends to beta KL(P_T || P_S) as beta -> 0 and (1 - beta) KL(P_S || P_T) as beta -> 1, so
+    the endpoints are taken as the paper's two KLs themselves: beta = 0 is the forward KL(P_T || P_S)
+    (mode-covering, supervised KD's), beta = 1 the reverse KL(P_S || P_T) (mode-seeking)."""
+    if beta == 0:
+        return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+    if beta == 1:
+        return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+    mixture = torch.logsumexp(torch.stack([teacher_logps + math.log(beta), student_logps + math.log(1 - beta)]), 0)
+    return (beta * (teacher_logps.exp() * (teacher_logps - mixture)).sum(-1)
+            + (1 - beta) * (student_logps.exp() * (student_logps - mixture)).sum(-1))
 
 
 def entropy_from_logits(logits, truncated: bool = False):

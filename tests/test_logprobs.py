@@ -17,7 +17,7 @@ from data.packing import pack, per_sequence
 from helpers import assert_same_run, metrics, random_sequences, train_run
 from losses import sft_loss
 from losses.preference import dpo_loss
-from losses.rl import ppo_policy_loss
+from losses.rl import generalized_jsd, ppo_policy_loss
 
 CHUNK = 5  # far below a batch's tokens, and not dividing them: chunks of several sizes
 
@@ -82,6 +82,40 @@ def test_chunked_logps_and_gradients_equal_the_full_logits(loss):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_jsd_and_its_gradients_equal_the_full_logits(beta):
+    """On-policy distillation's JSD (trainers.DistillTrainer, divergence=jsd): the teacher's
+    whole distribution at the scored positions and the student's divergence from it, chunked,
+    equal generalized_jsd of the two models' own full logits at those positions, values and
+    gradients; zero where there is no target."""
+    student, teacher, temperature = tiny(), tiny(hidden_size=32, intermediate_size=64), 0.8
+    torch.manual_seed(1)
+    teacher.apply(lambda m: torch.nn.init.normal_(m.weight, std=0.3) if isinstance(m, torch.nn.Embedding) else None)
+    batch = pack(random_sequences(6, random.Random(2)), 40, pad_id=0)
+    mask = (batch["targets"] >= 0)
+
+    def full(model):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return torch.log_softmax(logits.float() / temperature, -1)[mask]
+
+    want = torch.zeros(batch["targets"].shape)
+    want[mask] = generalized_jsd(full(student), full(teacher).detach(), beta)
+    want_grads = torch.autograd.grad(want.sum(), list(student.parameters()))
+
+    with torch.no_grad():
+        teacher_logps = logprobs.vocab_logps(teacher, batch, CHUNK, temperature)
+    torch.testing.assert_close(teacher_logps, full(teacher), rtol=0, atol=1e-5)
+    got = logprobs.jsd(student, batch, teacher_logps, beta, CHUNK, temperature)
+    got_grads = torch.autograd.grad(got.sum(), list(student.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[~mask] == 0).all() and (got[mask] > 0).all()
+    for (name, _), g, w in zip(student.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+    unchunked = logprobs.jsd(student, batch, logprobs.vocab_logps(teacher, batch, None, temperature), beta, None,
+                             temperature)
+    torch.testing.assert_close(unchunked, want, rtol=1e-5, atol=1e-6)
 
 
 def kept_set(probs: list[float], top_k: int, top_p: float) -> set[int]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from losses.rl import (AdaptiveKLController, FixedKLController, aggregation_units, aggregation_weights, cispo_loss,
-                       discounted_returns, entropy_from_logits, explained_variance, gae, grpo_advantages, gspo_loss,
+                       discounted_returns, entropy_from_logits, explained_variance, gae, generalized_jsd,
+                       grpo_advantages, gspo_loss,
                        kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages, rloo_advantages,
                        sapo_loss, sequence_ppo_loss, token_rewards, truncated_is_weight, value_loss)
 
@@ -738,3 +739,45 @@ def test_sapo_is_the_soft_gate_of_its_paper(seed, tau_pos, tau_neg):
     assert sapo_loss(logp, logp.detach(), adv_tokens, mask, tau_pos, tau_neg)[1]["gate_mean"].item() == pytest.approx(1.0)
     assert 0 < stats["gate_mean"].item() < 1
 
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_generalized_jsd_is_gkds_divergence(beta):
+    """GKD's JSD(beta) = beta KL(P_T || M) + (1 - beta) KL(P_S || M), M = beta P_T + (1 - beta) P_S,
+    written out over each position's probabilities (forward KL(P_T || P_S) at beta = 0, reverse
+    KL(P_S || P_T) at 1), in float64; and its gradient in the student's logits, against finite
+    differences of that written-out sum."""
+    g = torch.Generator().manual_seed(3)
+    student_logits = (2 * torch.randn(4, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher_logps = torch.log_softmax(2 * torch.randn(4, 7, generator=g, dtype=torch.float64), -1)
+
+    def written_out(s_logits):
+        total = []
+        for row in range(4):
+            z = sum(math.exp(x) for x in s_logits[row].tolist())
+            ps = [math.exp(x) / z for x in s_logits[row].tolist()]
+            pt = [math.exp(x) for x in teacher_logps[row].tolist()]
+            if beta == 0:
+                total.append(sum(a * math.log(a / b) for a, b in zip(pt, ps)))
+            elif beta == 1:
+                total.append(sum(b * math.log(b / a) for a, b in zip(pt, ps)))
+            else:
+                m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+                total.append(beta * sum(a * math.log(a / c) for a, c in zip(pt, m))
+                             + (1 - beta) * sum(b * math.log(b / c) for b, c in zip(ps, m)))
+        return total
+
+    got = generalized_jsd(torch.log_softmax(student_logits, -1), teacher_logps, beta)
+    assert got.tolist() == pytest.approx(written_out(student_logits.detach()), rel=1e-10, abs=1e-12)
+    assert all(x > 0 for x in got.tolist())
+    (grad,) = torch.autograd.grad(got.sum(), student_logits)
+    eps, numeric = 1e-6, torch.zeros_like(grad)
+    for row in range(4):
+        for v in range(7):
+            up, down = student_logits.detach().clone(), student_logits.detach().clone()
+            up[row, v] += eps
+            down[row, v] -= eps
+            numeric[row, v] = (sum(written_out(up)) - sum(written_out(down))) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+    same = generalized_jsd(teacher_logps, teacher_logps, beta)
+    torch.testing.assert_close(same, torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12)

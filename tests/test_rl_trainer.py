@@ -52,13 +52,14 @@ def test_fixed_rollout_two_ranks_equal_one(tmp_path):
                                                 ("gspo", ("loss.token_level=true",), "policy/clipfrac/train"),
                                                 ("cispo", (), "policy/clipfrac/train"),
                                                 ("sapo", (), "policy/gate_mean/train"),
-                                                ("distill", (), "distill/reverse_kl")])
+                                                ("distill", (), "distill/reverse_kl"),
+                                                ("distill", ("loss.divergence=jsd", "loss.kl_coef=0.05"), "distill/jsd/train")])
 def test_the_2026_objectives_train_the_same_on_two_ranks_as_on_one(tmp_path, loss, extra, metric):
     """GSPO (and GSPO-token), CISPO, SAPO and on-policy distillation through the trainer: the loss
     each sums over a micro-batch, divided by the global count of its units, gives one rank's run on
     two; the second epoch over each rollout is off-policy, so the clip or the gate acts."""
     if loss == "distill":
-        extra = (f"loss.teacher={tiny_checkpoint(tmp_path / 'teacher', trained_tiny())}",)
+        extra += (f"loss.teacher={tiny_checkpoint(tmp_path / 'teacher', trained_tiny())}",)
     results = {}
     for world in (1, 2):
         run_dir = tmp_path / f"w{world}"
@@ -372,20 +373,26 @@ def test_under_top_p_the_trainer_computes_the_distribution_the_sampler_drew_from
         assert record["rollout/logp_mismatch"] > 1e-2 and record["rollout/is_weight_mean"] < 0.99
 
 
-def test_on_policy_distillation_moves_the_student_toward_the_teacher(tmp_path):
+@pytest.mark.parametrize("divergence,metric", [("sampled_reverse_kl", "distill/reverse_kl"),
+                                                ("jsd", "distill/jsd")])
+def test_on_policy_distillation_moves_the_student_toward_the_teacher(tmp_path, divergence, metric):
     """loss=distill: a random-init student samples, the trained tiny model (helpers.trained_tiny)
-    scores each sampled token, and minus the per-token reverse KL as the advantage takes the
-    student toward it: the sampled reverse KL falls by a third in 12 iterations. No reward is
+    scores each sampled position, and the student moves toward it: with minus the per-token reverse
+    KL as the advantage, or GKD's JSD over the vocabulary minimised directly, the divergence the run
+    minimises falls by a third in 12 iterations, and so does the sampled reverse KL. No reward is
     needed (reward_weight 0)."""
     teacher = tiny_checkpoint(tmp_path / "teacher", trained_tiny())
     run_dir = tmp_path / "student"
     overrides = [f"run_dir={run_dir}", "loss=distill", f"loss.teacher={teacher}", "datasets=[toy_sort_prompts]",
                  "sampler=hf", "loss.rollout_batch_size=8", "loss.n_samples_per_prompt=4", "batch_size=16",
                  "n_examples=96", "n_eval_examples=0", "lr=3e-3", "warmup_steps=1", "max_length=64",
-                 "max_prompt_length=40", "loss.sampling.max_new_tokens=12", "eval_at_start=false"]
+                 "max_prompt_length=40", "loss.sampling.max_new_tokens=12", "eval_at_start=false",
+                 f"loss.divergence={divergence}"]
     run_ranks(rl_run, 1, tmp_path, overrides, None, False)
-    kl = [r["distill/reverse_kl"] for r in metrics(run_dir) if "distill/reverse_kl" in r]
-    assert len(kl) == 12 and sum(kl[-3:]) / 3 < 0.67 * sum(kl[:3]) / 3, kl
+    for name in {metric, "distill/reverse_kl"}:
+        name = name if name == "distill/reverse_kl" else name + "/train"
+        values = [r[name] for r in metrics(run_dir) if name in r]
+        assert len(values) == 12 and sum(values[-3:]) / 3 < 0.67 * sum(values[:3]) / 3, (name, values)
 
 
 def test_distillation_refuses_a_teacher_with_another_tokenizer(tmp_path, real_model, single_process):
