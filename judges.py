@@ -2,7 +2,7 @@
 hosted API): rubric scores of single completions, usable as RL rewards (``mode: pointwise``), and
 verdicts on pairs of responses, usable as preference labels (``mode: pairwise``).
 
-    judge = Judge(load_config("config/judge/default.yaml"))
+    judge = Judge(load_config(OmegaConf.load("config/judge/default.yaml"), "http://127.0.0.1:8000/v1"))
     results = judge.score([{"prompt": messages, "completion": text, "answer": "42"}, ...])
     pairs = judge.compare([{"prompt": messages, "response_a": a, "response_b": b}, ...])
     log(judge.stats())   # judge/requests, judge/retries, judge/cache_hits, ... since the last call
@@ -29,6 +29,7 @@ so the same scores, without asking again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -80,9 +81,10 @@ class JudgeError(Exception):
 
 @dataclass
 class JudgeConfig:
-    """``config/judge/default.yaml``'s keys (the defaults live there, with what each does)."""
+    """``config/judge/default.yaml``'s keys (the defaults live there, with what each does), and the
+    judge's address: ``reward.judges`` lists addresses, ``label_preferences.py --judge`` takes one."""
     base_url: str
-    model: str
+    model: Optional[str]  # None: the one model the server serves
     api_key_env: Optional[str]
     mode: str
     template: str
@@ -106,9 +108,7 @@ class JudgeConfig:
             raise JudgeConfigError(f"judge.mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.score_min >= self.score_max:
             raise JudgeConfigError(f"judge.score_min={self.score_min} must be below judge.score_max={self.score_max}")
-        if self.logprobs and self.mode != "pointwise":
-            raise JudgeConfigError("judge.logprobs: only a pointwise score is read from log-probs; set it false")
-        if self.logprobs and not 0 <= self.score_min < self.score_max <= 9:
+        if self.logprobs and self.mode == "pointwise" and not 0 <= self.score_min < self.score_max <= 9:
             # a score of two digits is two tokens: one position's probabilities cannot weigh it
             raise JudgeConfigError(f"judge.logprobs needs single-digit scores (0..9), not "
                                    f"{self.score_min}..{self.score_max}")
@@ -120,17 +120,32 @@ class JudgeConfig:
                                    f"{self.max_retries} and backoff_s={self.backoff_s} not negative")
 
 
-def load_config(source) -> JudgeConfig:
-    """A ``JudgeConfig`` from a YAML file's path, a dict or an OmegaConf node (``cfg.judge``), its
-    keys and types checked; every mistake is a ``JudgeConfigError`` of one line."""
+def load_config(source, base_url: str) -> JudgeConfig:
+    """A ``JudgeConfig`` from a YAML file's path, a dict or an OmegaConf node (``cfg.judge``) and the
+    judge's address, its keys and types checked; every mistake is a ``JudgeConfigError`` of one line."""
     node = OmegaConf.load(source) if isinstance(source, (str, Path)) else source
     if "api_key" in node:  # a key in a config file ends up in run_dir/config.yaml and in wandb
         raise JudgeConfigError("judge.api_key: a key is never written in a config; put it in an environment "
                                "variable and name that variable in judge.api_key_env")
+    given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     try:
-        return overrides.check_schema(node, JudgeConfig, "judge", "an option of the judge")
+        return overrides.check_schema({**given, "base_url": base_url}, JudgeConfig, "judge", "an option of the judge")
     except overrides.OverrideError as e:
         raise JudgeConfigError(str(e)) from None
+
+
+def served_model(base_url: str, api_key: str, timeout_s: float) -> str:
+    """The one model a server serves (``GET <base_url>/models``); asked once, before any judging, so
+    a wrong address or a server that is down stops the run at its start, in one line."""
+    try:
+        with openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=2) as client:
+            names = [m.id for m in client.models.list()]
+    except openai.APIError as e:
+        raise JudgeConfigError(f"judge {base_url}: cannot list its models ({describe(e)}); is the server up? "
+                               f"(or set judge.model to skip asking)") from None
+    if len(names) != 1:
+        raise JudgeConfigError(f"judge {base_url} serves {len(names)} models {names[:5]}: set judge.model to one")
+    return names[0]
 
 
 # --- what the judge gets back --------------------------------------------------------------------
@@ -219,34 +234,57 @@ def parse_score(text: str, lo: int, hi: int) -> tuple[float, int]:
     return score, matches[-1].start(1)
 
 
-def expected_score(tokens: list[dict], lo: int, hi: int) -> float:
-    """E[score] under the judge's probabilities at the position of the score's digit: the score
-    tokens ``lo..hi`` among that position's top log-probs (with or without a leading space),
-    renormalised over just those."""
+def score_position(tokens: list[dict], lo: int, hi: int) -> int:
+    """The index of the token that holds the score: where the text's ``Score: N`` is, else the first
+    token (a judge asked for the digit alone, ``max_tokens: 1``, whose reply may not be one: a small
+    model's first token is often "The" with the digits close behind)."""
     text = "".join(t["token"] for t in tokens)  # offsets in the tokens' own text, so they line up
-    score, start = parse_score(text, lo, hi)
-    offset, position = 0, None
+    try:
+        score, start = parse_score(text, lo, hi)
+    except JudgeError:
+        return 0
+    offset = 0
     for i, token in enumerate(tokens):
         offset += len(token["token"])
         if offset > start:
-            position = i
-            break
-    chosen = tokens[position]
-    if chosen["token"].strip() != f"{score:g}":
-        raise JudgeError(f"the score {score:g} is not a token of its own ({chosen['token']!r}): "
-                         f"its probability cannot be read")
+            if token["token"].strip() != f"{score:g}":
+                raise JudgeError(f"the score {score:g} is not a token of its own ({token['token']!r}): "
+                                 f"its probability cannot be read")
+            return i
+    raise JudgeError(f"the score's position is past the reply's tokens: {text!r:.120}")
+
+
+def position_probs(token: dict) -> dict[str, float]:
+    """The probability of each token among one position's top log-probs (and the sampled token,
+    should the top list lack it), by the token's text stripped of spaces, summed."""
     logprobs = {}
-    for candidate in [*chosen["top_logprobs"], chosen]:  # the sampled token, should the top list lack it
+    for candidate in [*token["top_logprobs"], token]:
         logprobs.setdefault(candidate["token"], candidate["logprob"])
-    mass = {}
-    for token, logprob in logprobs.items():
-        digit = token.strip()
-        if digit.isdigit() and str(int(digit)) == digit and lo <= int(digit) <= hi:
-            mass[int(digit)] = mass.get(int(digit), 0.0) + math.exp(logprob)
+    probs = {}
+    for text, logprob in logprobs.items():
+        probs[text.strip()] = probs.get(text.strip(), 0.0) + math.exp(logprob)
+    return probs
+
+
+def expected_score(tokens: list[dict], lo: int, hi: int) -> float:
+    """E[score] under the judge's probabilities at the score's position (``score_position``): the
+    score tokens ``lo..hi`` among that position's top log-probs (with or without a leading space),
+    renormalised over just those."""
+    probs = position_probs(tokens[score_position(tokens, lo, hi)])
+    mass = {int(t): p for t, p in probs.items() if t.isdigit() and str(int(t)) == t and lo <= int(t) <= hi}
     total = sum(mass.values())
     if not total > 0:
         raise JudgeError(f"no probability on the scores {lo}..{hi} at the score's position")
     return sum(s * p for s, p in mass.items()) / total
+
+
+def likelier_verdict(tokens: list[dict]) -> str:
+    """"A" or "B", whichever the judge gives more probability as its first token (a judge asked for
+    the letter alone, as label_preferences.py reads a local one); "tie" when neither is among the
+    top log-probs or they are equal."""
+    probs = position_probs(tokens[0])
+    a, b = probs.get("A", 0.0), probs.get("B", 0.0)
+    return "A" if a > b else "B" if b > a else "tie"
 
 
 def score_reply(reply: dict, cfg: JudgeConfig) -> float:
@@ -405,6 +443,8 @@ class Judge:
         self.cfg = cfg
         self.template = read_template(cfg.template, cfg.mode)
         self.api_key = self.read_key(cfg.api_key_env)
+        if cfg.model is None:
+            self.cfg = cfg = dataclasses.replace(cfg, model=served_model(cfg.base_url, self.api_key, cfg.timeout_s))
         self.cache = Cache(cfg.cache_dir) if cfg.cache_dir is not None else None
         self._stats = Stats()
 
@@ -493,6 +533,10 @@ class Judge:
         reply = None
         try:
             reply = await ask(self.messages(pair, response_a=first, response_b=second))
+            if self.cfg.logprobs and reply["logprobs"]:
+                return likelier_verdict(reply["logprobs"]), reply["text"], None
+            if self.cfg.logprobs:
+                self._stats.add(logprobs_missing=1)
             return parse_verdict(reply["text"]), reply["text"], None
         except JudgeError as e:
             return None, reply["text"] if reply else None, str(e)

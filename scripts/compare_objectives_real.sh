@@ -3,6 +3,9 @@
 # SmolLM2-135M-Instruct as released, 12 iterations of 16 prompts x 8 samples from the colocated
 # vLLM engine, rewarded by scripts/arithmetic.py:reward; then greedy accuracy on the 500 held-out
 # prompts and McNemar's paired test against the released model, one line per objective.
+# distill and distill_jsd (loss=distill with each divergence) distil the real demo's GRPO model
+# (TEACHER, default runs/demo_real/grpo/LATEST: run scripts/demo_real.sh first) into the released
+# model, on the same prompts with the same budget and no reward.
 #   bash scripts/compare_objectives_real.sh [run root, default runs/objectives_real] [objectives, default "gspo cispo sapo"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +28,16 @@ greedy() {  # the model's greedy replies (at most 16 tokens) to the held-out pro
 [ -f "$ROOT/released.jsonl" ] || greedy $MODEL "$ROOT/released.jsonl"
 for objective in $OBJECTIVES; do
     rm -rf "${ROOT:?}/$objective"
-    $TORCHRUN train.py loss="$objective" $TRAIN datasets=["$PROMPTS"] reward.functions=[$REWARD] sampler=vllm \
-        loss.rollout_batch_size=16 loss.n_samples_per_prompt=8 loss.filter_groups=true loss.kl_coef=0 \
+    case $objective in
+        distill|distill_jsd)
+            TEACHER=${TEACHER:-runs/demo_real/grpo/LATEST}
+            [ -f "$TEACHER/config.json" ] || { echo "no teacher at $TEACHER: run scripts/demo_real.sh first, or set TEACHER"; exit 1; }
+            divergence=$([ "$objective" = distill ] && echo sampled_reverse_kl || echo jsd)
+            ARGS="loss=distill loss.teacher=$TEACHER loss.divergence=$divergence" ;;
+        *) ARGS="loss=$objective loss.filter_groups=true" ;;
+    esac
+    $TORCHRUN train.py $ARGS $TRAIN datasets=["$PROMPTS"] reward.functions=[$REWARD] sampler=vllm \
+        loss.rollout_batch_size=16 loss.n_samples_per_prompt=8 loss.kl_coef=0 \
         loss.sampling.max_new_tokens=16 loss.sampling.temperature=0.7 batch_size=16 lr=2e-5 warmup_steps=2 \
         n_examples=192 exp_name="objectives_real_$objective" run_dir="$ROOT/$objective"
     greedy "$ROOT/$objective/LATEST" "$ROOT/after-$objective.jsonl"

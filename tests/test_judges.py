@@ -185,6 +185,40 @@ def test_with_logprobs_the_score_is_the_expectation_over_the_score_tokens(server
     assert judge.stats()["judge/logprobs_missing"] == 0
 
 
+def test_with_logprobs_and_no_score_in_the_reply_the_first_token_is_read(server):
+    """A small judge asked for the digit alone (max_tokens 1) whose first token is a word: the
+    expectation over the score tokens among that position's top log-probs; with none, an error."""
+    top = [("The", 0.3), ("2", 0.2), (" 4", 0.1), ("4", 0.05), ("x", 0.1), ("7", 0.1)]
+    server.reply = lambda body, n: ok("The", [token("The", 0.3, top)]) if n == 0 else \
+        ok("The", [token("The", 0.3, [("The", 0.3), ("x", 0.1)])])
+    judge = Judge(config(server, logprobs=True, max_tokens=1))
+    [first] = judge.score([row("x")])
+    expectation = (2 * 0.2 + 4 * 0.15) / (0.2 + 0.15)
+    assert first.score == pytest.approx(expectation, abs=1e-12) and first.value == pytest.approx((expectation - 1) / 4)
+    [second] = judge.score([row("y")])
+    assert second.value is None and second.error == "no probability on the scores 1..5 at the score's position"
+
+
+def test_pairwise_with_logprobs_takes_the_likelier_first_letter_in_each_order(server):
+    """Each order's verdict is the likelier of "A" and "B" as the first token; with b shown first,
+    "B" names response_a, so A-then-B below agree on response_a. Neither letter: a tie."""
+    def reply(body, n):
+        content = body["messages"][0]["content"]
+        if "NEITHER" in content:
+            return ok("Hmm", [token("Hmm", 0.5, [("Hmm", 0.5), ("So", 0.2)])])
+        a_first = content.index("R-ONE") < content.index("R-TWO")
+        # a first: "A" 0.3 + " A" 0.1 outweigh "B" 0.35 only with the spaced one counted
+        top = [("B", 0.35), ("A", 0.3), (" A", 0.1)] if a_first else [("The", 0.4), ("B", 0.3), ("A", 0.25)]
+        return ok(top[0][0], [token(top[0][0], top[0][1], top)])
+
+    server.reply = reply
+    judge = Judge(config(server, mode="pairwise", template=str(TEMPLATES / "pairwise_letter.txt"), logprobs=True,
+                         max_tokens=1))
+    one, neither = judge.compare([pair("q", "R-ONE", "R-TWO"), pair("q", "NEITHER 1", "NEITHER 2")])
+    assert (one.winner, one.ab_verdict, one.ba_verdict, one.disagreement, one.error) == (0, "A", "B", False, None)
+    assert (neither.winner, neither.ab_verdict, neither.ba_verdict, neither.error) == (None, "tie", "tie", None)
+
+
 def test_with_logprobs_asked_and_none_sent_the_score_is_read_from_the_text(server):
     server.reply = lambda body, n: ok("Score: 4")
     judge = Judge(config(server, logprobs=True))
@@ -427,33 +461,43 @@ def test_a_key_in_the_config_is_refused(server):
     assert "abc123" not in str(caught.value)  # not echoed into a log
     node = {**{k: v for k, v in vars(config(server)).items()}, "api_key": "sk-proj-abc123"}
     with pytest.raises(JudgeConfigError, match="a key is never written in a config"):
-        judges.load_config(node)
+        judges.load_config(node, server.url)
 
 
-def test_default_yaml_holds_exactly_the_config_keys():
+def test_default_yaml_holds_exactly_the_config_keys_but_the_address():
     yaml = OmegaConf.load(DEFAULT_YAML)
-    assert list(yaml) == list(JudgeConfig.__dataclass_fields__)
-    with pytest.raises(JudgeConfigError, match="judge.model is missing"):
-        judges.load_config(DEFAULT_YAML)
-    yaml.model = "m"
-    cfg = judges.load_config(yaml)
-    assert (cfg.mode, cfg.logprobs, cfg.cache_dir, cfg.api_key_env) == ("pointwise", False, None, None)
+    assert list(yaml) == [k for k in JudgeConfig.__dataclass_fields__ if k != "base_url"]
+    cfg = judges.load_config(yaml, "http://127.0.0.1:9/v1")
+    assert (cfg.base_url, cfg.model, cfg.mode, cfg.logprobs, cfg.cache_dir, cfg.api_key_env) == \
+        ("http://127.0.0.1:9/v1", None, "pointwise", False, None, None)
     assert (REPO / cfg.template).is_file()
     with pytest.raises(JudgeConfigError, match=r"judge.timeout_s: Value 'slow'"):
-        judges.load_config({**OmegaConf.to_container(yaml), "timeout_s": "slow"})
+        judges.load_config({**OmegaConf.to_container(yaml), "timeout_s": "slow"}, "http://x")
     with pytest.raises(JudgeConfigError, match=r"judge.max_retry is not an option of the judge: did you mean "
                                                r"judge.max_retries\?"):
-        judges.load_config({**OmegaConf.to_container(yaml), "max_retry": 1})
+        judges.load_config({**OmegaConf.to_container(yaml), "max_retry": 1}, "http://x")
+
+
+def test_a_judge_without_a_model_name_asks_the_server_and_a_dead_one_stops_at_once():
+    dead = FakeServer()
+    dead.close()
+    with pytest.raises(JudgeConfigError, match=r"^judge http://127\.0\.0\.1:\d+/v1: cannot list its models "
+                                               r"\(APIConnectionError"):
+        Judge(config(dead, model=None))
 
 
 @pytest.mark.parametrize("name, mode", [("pointwise_rubric", "pointwise"), ("pointwise_reference", "pointwise"),
-                                        ("pairwise", "pairwise"), ("self_reference", "pairwise")])
+                                        ("pointwise_digit", "pointwise"), ("pairwise", "pairwise"),
+                                        ("self_reference", "pairwise"), ("pairwise_letter", "pairwise")])
 def test_each_template_has_its_modes_placeholders(name, mode):
     text = judges.read_template(str(TEMPLATES / f"{name}.txt"), mode)
     other = "pairwise" if mode == "pointwise" else "pointwise"
     with pytest.raises(JudgeConfigError, match=f"a {other} template needs"):
         judges.read_template(str(TEMPLATES / f"{name}.txt"), other)
-    assert ("Score: N" in text) == (mode == "pointwise") and ("Verdict: tie" in text) == (mode == "pairwise")
+    if name.endswith(("_digit", "_letter")):  # read from the first token's log-probs
+        assert text.rstrip().endswith(("the digit alone.", "the letter alone."))
+    else:
+        assert ("Score: N" in text) == (mode == "pointwise") and ("Verdict: tie" in text) == (mode == "pairwise")
 
 
 def test_a_misspelt_placeholder_is_refused(server, tmp_path):
