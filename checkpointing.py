@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -444,10 +445,15 @@ MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start",
                         "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
                         "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
                         "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check",
-                        "reshard_after_forward", "profile_steps", "monitors")
+                        "reshard_after_forward", "profile_steps", "monitors",
+                        # how a judge is reached, not what it answers (the address is reward.judges')
+                        "judge.api_key_env", "judge.max_concurrency", "judge.timeout_s", "judge.max_retries",
+                        "judge.backoff_s", "judge.cache_dir")
 # keys added to the config files since a checkpoint may have been written, with the value the code
 # used before they existed: a saved config without them ran with that value
-ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None}
+ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None, "reward.judges": [],
+            **{f"judge.{k}": v for k, v in yaml.safe_load((Path(__file__).parent / "config/judge/default.yaml")
+                                                           .read_text()).items()}}
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:

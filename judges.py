@@ -179,9 +179,10 @@ class PairResult:
 def read_template(path: str, mode: str) -> str:
     """The template's text, checked: the placeholders ``mode`` fills are all there, and no other
     (a misspelt one would reach the judge as literal text)."""
-    if not Path(path).is_file():
+    found_at = next((p for p in (Path(path), Path(__file__).parent / path) if p.is_file()), None)
+    if found_at is None:  # (a shipped template's path is from the repository's root, whatever the working directory)
         raise JudgeConfigError(f"judge.template: no file {path}")
-    text = Path(path).read_text()
+    text = found_at.read_text()
     found = set(PLACEHOLDER.findall(text))
     missing = [p for p in REQUIRED[mode] if p not in found]
     unknown = sorted(found - set(REQUIRED[mode]) - set(OPTIONAL))

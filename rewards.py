@@ -1,4 +1,5 @@
-"""Rule-based reward functions: the registry, users' own functions, and calling them safely.
+"""What scores a sample: rule-based reward functions (the registry, users' own functions, called
+safely), reward models, LLM judges (judges.py) and an environment's rewards.
 
 A reward function is ``fn(prompt: list[dict], completion: str, **row) -> float``: the conversation
 that was sampled from, the completion's text, and the other fields of the dataset row (a toy
@@ -8,6 +9,7 @@ verifiers), ``module:function`` for an importable module, or ``path/to/file.py:f
 A function that raises, or returns something that is not a finite number, does not stop the run
 on one sample: the sample's score is ``reward.invalid_score`` and the error is reported (see
 ``call``); the trainer stops only when more than ``reward.max_invalid_fraction`` of a rollout fails.
+A judge's failure for a sample (down, too slow, a reply with no score) counts the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import importlib
 import importlib.util
 import logging
 import math
+import urllib.parse
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import distributed
+import judges
 import models
 from data.packing import last_positions
 from data.tokenize import end_of_turn, prompt_ids, reply_ids
@@ -78,39 +82,56 @@ def call(fn: Callable[..., float], prompt: list[dict], completion: str, row: dic
     return value, None
 
 
-def check_config(reward_cfg, env: bool = False, required: bool = True) -> tuple[dict, dict]:
+def check_config(reward_cfg, judge_cfg, env: bool = False, required: bool = True) -> tuple[dict, dict]:
     """``reward:``'s functions (loaded: a bad name stops the run before anything is built) and the
-    weight of each reward by name (models first, then functions, then the environment's);
-    ``required``: the trainer learns from the scores, so something must score."""
+    weight of each reward by name (models first, then functions, judges, the environment's);
+    ``required``: the trainer learns from the scores, so something must score. ``judge_cfg``: how
+    ``reward.judges`` (their addresses) are asked (config/judge/)."""
     functions = {spec: load_function(spec) for spec in reward_cfg.functions}
-    names = list(reward_cfg.models) + list(reward_cfg.functions) + (["env"] if env else [])
+    names = list(reward_cfg.models) + list(reward_cfg.functions) + list(reward_cfg.judges) + (["env"] if env else [])
     if not names and required:
-        raise ValueError("nothing scores the samples: set reward.functions and/or reward.models")
+        raise ValueError("nothing scores the samples: set reward.functions, reward.models and/or reward.judges")
     for path in reward_cfg.models:
         if not (Path(models.resolve(path)) / "config.json").exists():
             raise ValueError(f"reward.models: {path} is not a model directory (no config.json)")
+    for url in reward_cfg.judges:
+        cfg = judges.load_config(judge_cfg, url)
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"reward.judges: {url!r} is not a judge's address (http://host:port/v1)")
+        if cfg.mode != "pointwise":
+            raise ValueError(f"reward.judges score each sample: judge.mode={cfg.mode} must be pointwise")
+        judges.read_template(cfg.template, cfg.mode)
     weights = reward_cfg.weights
     if weights is not None and len(weights) != len(names):
         raise ValueError(f"reward.weights has {len(weights)} values for {len(names)} rewards {names} "
-                         f"(models first, then functions, then the environment's)")
+                         f"(models first, then functions, judges, the environment's)")
     return functions, dict(zip(names, weights if weights is not None else [1.0] * len(names)))
 
 
 class Rewards:
-    """What scores a sample (``reward:`` in config.yaml): ``functions`` (rewards.py) and ``models``
-    (reward-model exports, sharded like the policy, read at the sample's last token), weighted
-    and summed. A sample a function fails on gets ``invalid_score`` and an error; more than
-    ``max_invalid_fraction`` of a rollout failing stops the run."""
+    """What scores a sample (``reward:`` in config.yaml): ``functions`` (rewards.py), ``models``
+    (reward-model exports, sharded like the policy, read at the sample's last token) and ``judges``
+    (LLM judges at these addresses, asked as ``judge:`` says, each rank for its own samples),
+    weighted and summed. A sample a function or judge fails on gets ``invalid_score`` and an error;
+    more than ``max_invalid_fraction`` of a rollout failing stops the run."""
 
-    def __init__(self, reward_cfg, tokenizer, layout, batch_size: int, max_tokens: int, env: bool = False,
-                 required: bool = True):
+    def __init__(self, reward_cfg, judge_cfg, tokenizer, layout, batch_size: int, max_tokens: int,
+                 env: bool = False, required: bool = True, judge_cache: str | None = None):
         """``layout(seqs, pad_id)``: the trainer's packer; ``batch_size``: samples per forward of a
         reward model on each rank; ``max_tokens``: the longest sequence a forward takes; ``env``:
-        the samples are episodes, and the environment's rewards (summed) count as a reward "env"."""
+        the samples are episodes, and the environment's rewards (summed) count as a reward "env";
+        ``judge_cache``: the judges' reply cache where ``judge.cache_dir`` is null (the run's own,
+        so that a resumed run is answered what the interrupted one was)."""
         self.cfg, self.tokenizer = reward_cfg, tokenizer
         self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
-        self.functions, self.weights = check_config(reward_cfg, env, required)
+        self.functions, self.weights = check_config(reward_cfg, judge_cfg, env, required)
         self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
+        self.judges = {}
+        for url in reward_cfg.judges:
+            cfg = judges.load_config(judge_cfg, url)
+            if cfg.cache_dir is None and judge_cache is not None:
+                cfg.cache_dir = judge_cache
+            self.judges[url] = judges.Judge(cfg)
 
     def add_model(self, path: str, model, tokenizer):
         same = (tokenizer.get_vocab() == self.tokenizer.get_vocab()
@@ -122,6 +143,9 @@ class Rewards:
     def score(self, rollout: Rollout):
         """Collective (reward models): ``rollout``'s ``reward_scores``, ``scores`` and ``errors``."""
         per_model = {path: self.model_scores(*rm, rollout) for path, rm in self.models.items()}
+        rows = [{**rollout.rows[i], "prompt": rollout.prompts[i], "completion": rollout.texts[i]}
+                for i in range(len(rollout))]
+        per_judge = {url: judge.score(rows) for url, judge in self.judges.items()}
         scores, rollout.reward_scores, rollout.errors = [], [], []
         for i in range(len(rollout)):
             by_name, error = {path: values[i] for path, values in per_model.items()}, None
@@ -131,6 +155,10 @@ class Rewards:
                 by_name[name], failed = call(fn, rollout.prompts[i], rollout.texts[i], rollout.rows[i])
                 if failed is not None and error is None:
                     error = f"reward function {name} {failed} (completion {rollout.texts[i]!r:.80})"
+            for url, results in per_judge.items():
+                by_name[url] = results[i].value
+                if results[i].error is not None and error is None:
+                    error = f"judge {url}: {results[i].error}"
             valid = all(v is not None and math.isfinite(v) for v in by_name.values())
             if not valid and error is None:
                 error = f"a reward model gave a non-finite score ({by_name})"
@@ -184,7 +212,30 @@ class Rewards:
         for name in self.weights:
             valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
             if valid:  # no valid score: no mean (the invalid ones are counted in rollout/invalid_fraction)
-                record[f"reward/{Path(name).name if name in self.models else name}"] = sum(valid) / len(valid)
+                record[f"reward/{self.label(name)}"] = sum(valid) / len(valid)
+        if self.judges:
+            record.update(self.judge_metrics())
         if rollout.episodes is not None:
             record.update(rollout.episode_metrics())
+        return record
+
+    def label(self, name: str) -> str:
+        """A reward's name in the log: a model by its directory's name, a judge as judge@host:port."""
+        if name in self.models:
+            return Path(name).name
+        return f"judge@{urllib.parse.urlparse(name).netloc}" if name in self.judges else name
+
+    def judge_metrics(self) -> dict:
+        """Collective: the judges' counts since the last call (judges.Stats), summed over ranks and
+        judges, and the mean seconds per request that reached a server (omitted when none did)."""
+        names = judges.Stats.COUNTS + ("latency_total_s",)
+        totals = [0.0] * len(names)
+        for judge in self.judges.values():
+            stats = judge.stats()
+            stats["judge/latency_total_s"] = stats.pop("judge/latency_s", 0.0) * stats["judge/requests"]
+            totals = [t + stats[f"judge/{name}"] for t, name in zip(totals, names)]
+        summed = dict(zip(names, distributed.all_sum(totals, distributed.device())))
+        record = {f"judge/{name}": summed[name] for name in judges.Stats.COUNTS}
+        if summed["requests"]:
+            record["judge/latency_s"] = summed["latency_total_s"] / summed["requests"]
         return record

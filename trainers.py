@@ -751,7 +751,7 @@ def check_sampling(cfg, world: int, reward_required: bool = True):
         models.model_config(models.config_for(cfg, path), key="reward.models")
     if cfg.env:
         environments.load_environment(cfg.env, ENVIRONMENTS)
-    rewards.check_config(cfg.reward, env=bool(cfg.env), required=reward_required)
+    rewards.check_config(cfg.reward, cfg.judge, env=bool(cfg.env), required=reward_required)
 
 
 def start_sampling(trainer, reward_required: bool = True):
@@ -763,8 +763,9 @@ def start_sampling(trainer, reward_required: bool = True):
     if cfg.env:
         t.env = environments.EpisodeRunner(environments.load_environment(cfg.env, ENVIRONMENTS), t.tokenizer,
                                            cfg.max_turns, cfg.max_length, cfg.max_prompt_length, cfg.env_timeout_s)
-    t.rewards = rewards.Rewards(cfg.reward, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
-                                env=t.env is not None, required=reward_required)
+    t.rewards = rewards.Rewards(cfg.reward, cfg.judge, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
+                                env=t.env is not None, required=reward_required,
+                                judge_cache=str(t.run_dir / "judge_cache"))
     t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
     for path in cfg.reward.models:
         model_cfg = models.config_for(cfg, path)
