@@ -44,6 +44,7 @@ DOCS = [
     "docs/rl.md",
     "docs/environments.md",
     "docs/ai-feedback.md",
+    "docs/judges.md",
     "docs/benchmarks.md",
     "docs/memory.md",
     "docs/design.md",
@@ -62,7 +63,11 @@ SKIP = [
                                "tests/test_real_model.py train env= episodes"),
     ("sbatch", "needs slurm: tests/test_slurm_launch.py runs the sbatch files under a fake slurm"),
     ("/path/to/", "a template for your own weights"),
+    ("vllm.entrypoints.openai.api_server", "a server, up until stopped: tests start it as conftest.judge_server"),
 ]
+# the judge server's address in the docs (vllm serve's default port); run() points it at the one
+# it is given (tests/test_readme.py: conftest.judge_server) and skips commands that need one without
+JUDGE_ADDRESS = "http://127.0.0.1:8000/v1"
 
 # size overrides appended in --quick mode, by program (and for train.py by the kind of loss)
 RL_LOSSES = ("ppo", "grpo", "rloo", "reinforce_pp", "raft", "online_dpo")
@@ -164,18 +169,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(commands_: list[str], cwd: Path, quick_mode: bool, timeout: float = 1800) -> list[dict]:
+def run(commands_: list[str], cwd: Path, quick_mode: bool, timeout: float = 1800,
+        judge: str | None = None) -> list[dict]:
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
            "VIRTUAL_ENV": str(REPO / ".venv")}
     env.pop("PYTHONPATH", None)
     results = []
     for command in commands_:
-        why = skip_reason(command)
+        why = skip_reason(command) or (None if judge or JUDGE_ADDRESS not in command else
+                                       f"needs a judge server at {JUDGE_ADDRESS} (--judge)")
         if why:
             results.append({"command": command, "status": "skipped", "why": why})
             print(f"skip  {command[:100]}  ({why})", flush=True)
             continue
-        ran = quick(command) if quick_mode else command
+        ran = (quick(command) if quick_mode else command).replace(JUDGE_ADDRESS, judge or JUDGE_ADDRESS)
         start = time.time()
         # torchrun's default port 29500 would collide with any other job on this machine
         env["PET_MASTER_PORT"] = str(free_port())
@@ -198,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="run only the commands matching this regex")
     parser.add_argument("--keep", default=None, help="run in this directory (kept) instead of a temporary one")
     parser.add_argument("--out", default="readme_commands.json")
+    parser.add_argument("--judge", default=None, help="a judge server's address for the commands that ask one "
+                                                      "(docs/judges.md; else they are skipped)")
     args = parser.parse_args(argv)
     found = all_commands()
     if args.only:
@@ -207,7 +216,7 @@ def main(argv=None) -> int:
         cwd.mkdir(parents=True, exist_ok=True)
         if not (cwd / "train.py").exists():
             scratch_tree(cwd)
-        results = run(found, cwd, args.quick)
+        results = run(found, cwd, args.quick, judge=args.judge)
     Path(args.out).write_text(json.dumps(results, indent=1))
     failed = [r for r in results if r["status"] == "failed"]
     if failed:
