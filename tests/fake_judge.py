@@ -29,12 +29,13 @@ def failure(status: int, delay: float = 0.0):
 class FakeServer:
     """``reply(body, n) -> (status, payload, delay_s)`` answers the n-th request (from 0)."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
+        """``port``: 0 for a free one; an earlier server's, to stand in for it after it was stopped."""
         self.requests, self.lock = [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
         self.release = threading.Event()  # set at teardown: a stalled handler stops waiting
         self.reply = lambda body, n: ok("Score: 3")
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.http.daemon_threads = True
         self.http.fake = self
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"

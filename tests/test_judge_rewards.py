@@ -119,3 +119,50 @@ def test_a_judge_rewarded_run_killed_and_resumed_ends_as_the_uninterrupted_run(t
         runs[name] = final(tmp_path / name)
     assert len(runs["killed"]) == len(runs["uninterrupted"]) == 4
     assert runs["killed"] == runs["uninterrupted"]
+
+
+def test_a_judge_that_goes_down_mid_run_stops_it_and_the_run_resumes_when_it_is_back(tmp_path, single_process):
+    """The judge's server dies after the first iteration: the second iteration's samples all fail,
+    the run stops in one line naming the judge and the connection error, its first checkpoint
+    intact; with the server back (on the same address) the resumed run ends as a run whose judge
+    never failed."""
+    def overrides(run_dir, url):
+        return [*rl_overrides(run_dir, "grpo", "eval_at_end=false", "n_examples=12", "save_every=4",
+                              "reward.functions=[]"), *judged(tmp_path, url, "judge.max_retries=1")]
+
+    steady = FakeServer()
+    steady.reply = graded()
+    try:
+        with_fixed_completions(make_cfg(*overrides(tmp_path / "steady", steady.url))).train()
+    finally:
+        steady.close()
+
+    server = FakeServer()
+    server.reply = graded()
+    url, port = server.url, server.http.server_address[1]
+    trainer = with_fixed_completions(make_cfg(*overrides(tmp_path / "run", url)))
+    step = trainer.train_step
+
+    def judge_dies_after_the_first_iteration():
+        if trainer.step == 1:
+            server.close()
+        return step()
+
+    trainer.train_step = judge_dies_after_the_first_iteration
+    with pytest.raises(RuntimeError, match=rf"^step 2: 8 of 8 samples have no valid score .*first: judge {url}: "
+                                           rf"no reply after 2 attempts .*APIConnectionError"):
+        trainer.train()
+    assert [p.name for p in sorted((tmp_path / "run").glob("step-*"))] == ["step-1"]
+    back = FakeServer(port)
+    back.reply = graded()
+    try:
+        with_fixed_completions(make_cfg(*overrides(tmp_path / "run", url), "resume=true")).train()
+    finally:
+        back.close()
+    assert len(back.requests) == 16  # iterations 2 and 3; the first was checkpointed
+
+    def final(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith(("timing/", "judge/", "reward/judge@"))
+                 and k not in WALL_CLOCK} for r in metrics(run_dir)]
+
+    assert final(tmp_path / "run") == final(tmp_path / "steady")
