@@ -319,6 +319,59 @@ def combine(ab: str, ba: str) -> tuple[Optional[int], bool]:
     return (first, False) if first == second else (None, True)
 
 
+# --- a local judge: a model's next-token log-probs of "A" and "B" (label_preferences.py, online DPO's
+# self-judged pairs), read through a sampler's choice_logprobs ------------------------------------
+
+PRINCIPLE = "Choose the response that is more helpful, honest and harmless."
+QUESTION = "Which response is better? Answer A or B."
+LABELS = ("A", "B")
+
+
+def judge_messages(principle: str, conversation: list[dict], first: str, second: str,
+                   reference: str | None = None) -> list[dict]:
+    """One user turn (every chat template has one; not all take a system turn)."""
+    transcript = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
+    yardstick = ("" if reference is None else
+                 f"[Reference answer, a yardstick: not the only right reply]\n{reference}\n\n")
+    text = (f"Compare two responses of an AI assistant to the conversation below, judging them by this principle:\n"
+            f"{principle}\n\n[Conversation]\n{transcript}\n\n{yardstick}[Response A]\n{first}\n\n"
+            f"[Response B]\n{second}\n\n{QUESTION}")
+    return [{"role": "user", "content": text}]
+
+
+def choice_ids(tokenizer) -> list[int]:
+    """The token ids of the answers "A" and "B" as the judge's reply would begin: right after the
+    chat template's assistant header, or after the plain format's "Assistant:" (" A")."""
+    ids = []
+    for label in LABELS:
+        text = label if tokenizer.chat_template else " " + label
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"the judge's tokenizer splits {text!r} into {len(tokens)} tokens {tokens}: "
+                             f"its answer cannot be read from one next-token distribution")
+        ids.append(tokens[0])
+    return ids
+
+
+def two_way(logps: list[float]) -> float:
+    """p(first choice) under a softmax over just the two choices."""
+    first, second = logps
+    return 1 / (1 + math.exp(second - first))
+
+
+def decide(p_a_first: float, p_a_second: float, min_confidence: float = 0.5) -> tuple[str, float]:
+    """(verdict, P(a better)): verdict "a" or "b" (the better one), "tie" when P is exactly 0.5
+    (nothing to learn, and no side to pick without a bias), "unsure" when P(chosen better) is
+    below ``min_confidence``."""
+    p = (p_a_first + p_a_second) / 2
+    if p == 0.5:
+        return "tie", p
+    if max(p, 1 - p) < min_confidence:
+        return "unsure", p
+    return ("a" if p > 0.5 else "b"), p
+
+
+
 # --- the disk cache ------------------------------------------------------------------------------
 
 

@@ -65,7 +65,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -79,11 +78,9 @@ from data import DataError, where  # noqa: E402
 from data import local  # noqa: E402
 from data.tokenize import prompt_ids  # noqa: E402
 from sampler import VLLMSampler, build_sampler, config_kwargs, vllm_available  # noqa: E402
+from judges import LABELS, PRINCIPLE, QUESTION, choice_ids, decide, judge_messages, two_way  # noqa: E402,F401
 from scripts.generate import sampler_config  # noqa: E402
 
-PRINCIPLE = "Choose the response that is more helpful, honest and harmless."
-QUESTION = "Which response is better? Answer A or B."
-LABELS = ("A", "B")
 PAIR_KEYS = (("response_a", "response_b"), ("chosen", "rejected"))  # input shapes, first match wins
 GENERATED = "completions"  # scripts/generate.py's rows: judge each prompt's first two completions
 
@@ -175,32 +172,6 @@ def pair_row(obj, path: str, n: int, keys: tuple[str, str]) -> dict:
 # --- the judge's prompt and its answer -----------------------------------------------------------
 
 
-def judge_messages(principle: str, conversation: list[dict], first: str, second: str,
-                   reference: str | None = None) -> list[dict]:
-    """One user turn (every chat template has one; not all take a system turn)."""
-    transcript = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
-    yardstick = ("" if reference is None else
-                 f"[Reference answer, a yardstick: not the only right reply]\n{reference}\n\n")
-    text = (f"Compare two responses of an AI assistant to the conversation below, judging them by this principle:\n"
-            f"{principle}\n\n[Conversation]\n{transcript}\n\n{yardstick}[Response A]\n{first}\n\n"
-            f"[Response B]\n{second}\n\n{QUESTION}")
-    return [{"role": "user", "content": text}]
-
-
-def choice_ids(tokenizer) -> list[int]:
-    """The token ids of the answers "A" and "B" as the judge's reply would begin: right after the
-    chat template's assistant header, or after the plain format's "Assistant:" (" A")."""
-    ids = []
-    for label in LABELS:
-        text = label if tokenizer.chat_template else " " + label
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise ValueError(f"the judge's tokenizer splits {text!r} into {len(tokens)} tokens {tokens}: "
-                             f"its answer cannot be read from one next-token distribution")
-        ids.append(tokens[0])
-    return ids
-
-
 def judge_prompts(tokenizer, principle: str, row: dict, reference: str | None = None) -> list[list[int]]:
     """Token ids of the judge prompt with a first, then with b first."""
     return [prompt_ids(tokenizer, judge_messages(principle, row["prompt"], x, y, reference))
@@ -214,23 +185,6 @@ def reference_of(row: dict) -> str:
         raise DataError(f"{row['origin']}: no reference or answer field (--with-reference shows the judge each "
                         f"row's reference answer)")
     return found
-
-
-def two_way(logps: list[float]) -> float:
-    """p(first choice) under a softmax over just the two choices."""
-    return float(torch.softmax(torch.tensor(logps, dtype=torch.float64), 0)[0])
-
-
-def decide(p_a_first: float, p_a_second: float, min_confidence: float = 0.5) -> tuple[str, float]:
-    """(verdict, P(a better)): verdict "a" or "b" (the better one), "tie" when P is exactly 0.5
-    (nothing to learn, and no side to pick without a bias), "unsure" when P(chosen better) is
-    below ``min_confidence``."""
-    p = (p_a_first + p_a_second) / 2
-    if p == 0.5:
-        return "tie", p
-    if max(p, 1 - p) < min_confidence:
-        return "unsure", p
-    return ("a" if p > 0.5 else "b"), p
 
 
 def label(row: dict, index: int, logps_a_first: list[float], logps_a_second: list[float], args) -> dict:
