@@ -172,7 +172,7 @@ def reward_eval(trainer) -> dict:
                         f"eval/reward not logged")
         return {}
     trainer.rewards.check(rollout, step)  # a reward function that fails on most samples stops the run here too
-    record = {"eval/reward": rollout.scores.mean().item()}
+    record = {"eval/reward": rollout.scores.mean().item()} if trainer.rewards.weights else {}  # (a warning at start)
     if rollout.episodes is not None:  # the environment says whether an episode solved the task
         record.update(rollout.episode_metrics("eval"))
         accuracy = sum(bool(e.info.get("solved")) for e in rollout.episodes) / max(len(rollout), 1)

@@ -126,6 +126,9 @@ class Rewards:
         self.layout, self.batch_size, self.max_tokens = layout, batch_size, max_tokens
         self.functions, self.weights = check_config(reward_cfg, judge_cfg, env, required)
         self.models = {}  # path -> (sharded model, its tokenizer, whether the policy's tokens fit it)
+        if not self.weights and distributed.is_main():
+            log.warning("nothing scores the samples (no reward.functions, models, judges or env): rollout/score_mean "
+                        "and eval/reward are not logged")
         self.judges = {}
         for url in reward_cfg.judges:
             cfg = judges.load_config(judge_cfg, url)
@@ -203,12 +206,12 @@ class Rewards:
 
     def metrics(self, rollout: Rollout) -> dict:
         n = len(rollout)
-        record = {"rollout/score_mean": rollout.scores.mean().item(),
-                  "rollout/score_std": rollout.scores.std(unbiased=False).item(),
-                  "rollout/response_length": rollout.lengths.sum().item() / n,
-                  "rollout/truncated_fraction": sum(r == "length" for r in rollout.finish_reasons) / n,
-                  "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / n,
-                  "rollout/invalid_fraction": sum(e is not None for e in rollout.errors) / n}
+        record = {} if not self.weights else {"rollout/score_mean": rollout.scores.mean().item(),
+                                              "rollout/score_std": rollout.scores.std(unbiased=False).item()}
+        record |= {"rollout/response_length": rollout.lengths.sum().item() / n,
+                   "rollout/truncated_fraction": sum(r == "length" for r in rollout.finish_reasons) / n,
+                   "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / n,
+                   "rollout/invalid_fraction": sum(e is not None for e in rollout.errors) / n}
         for name in self.weights:
             valid = [s[name] for s in rollout.reward_scores if s[name] is not None]
             if valid:  # no valid score: no mean (the invalid ones are counted in rollout/invalid_fraction)

@@ -60,6 +60,7 @@ import checkpointing
 import distributed
 import environments
 import evaluation
+import judges
 import logprobs
 import models
 import overrides
@@ -70,7 +71,7 @@ import sampler
 from data import DataError
 from data.packing import last_positions, pack, pad, per_sequence
 from data.selection import best_of_k, best_vs_worst_pairs
-from data.tokenize import IGNORE, load_examples
+from data.tokenize import IGNORE, load_examples, prompt_ids
 from data.toy_env import ENVIRONMENTS
 from losses import sft_loss
 from losses.preference import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
@@ -1319,15 +1320,19 @@ def online(base):
 
         def __init__(self, cfg, device):
             super().__init__(cfg, device)
-            start_sampling(self)
+            start_sampling(self, self.reward_required())
 
         def make_data(self, rollout: Rollout) -> list[dict]:
             """Collective: the examples this iteration trains on, from the whole scored rollout."""
             raise NotImplementedError
 
+        def reward_required(self) -> bool:
+            """Whether the examples are chosen by score (online DPO's self-judged pairs are not)."""
+            return True
+
         def check_config(self):
             super().check_config()
-            check_sampling(self.cfg, self.world)
+            check_sampling(self.cfg, self.world, self.reward_required())
 
         def examples_per_step(self) -> int:
             return self.cfg.loss.rollout_batch_size
@@ -1375,6 +1380,8 @@ def online(base):
 @dataclass
 class OnlineDPOConfig(SamplingRunConfig):
     min_score_gap: float
+    self_judge: bool  # true: the policy judges its own pairs (seed 000), no reward
+    principle: str  # what "better" means to it
     beta: float
     label_smoothing: float
     rpo_alpha: float
@@ -1385,9 +1392,13 @@ class OnlineDPOTrainer(online(DPOTrainer)):
     """Iterative online DPO (RLHFlow, seed 001): per prompt, its best and its worst sample by score
     make a pair if the best wins by more than ``loss.min_score_gap`` (``data.selection``), trained on with
     the DPO loss; the reference is the model the iteration starts from (the previous iteration's),
-    its log-probs of each pair computed with the pairs and stored with them."""
+    its log-probs of each pair computed with the pairs and stored with them. With
+    ``loss.self_judge`` the policy itself judges each prompt's pair instead (``self_judged``)."""
 
     loss_config = OnlineDPOConfig
+
+    def reward_required(self) -> bool:
+        return not self.cfg.loss.self_judge
 
     def check_config(self):
         super().check_config()
@@ -1401,14 +1412,55 @@ class OnlineDPOTrainer(online(DPOTrainer)):
         """Nothing precomputed: the reference's log-probs come with each iteration's pairs."""
 
     def make_data(self, rollout: Rollout) -> list[dict]:
-        scores = rollout.scores.tolist()
+        loss, scores = self.cfg.loss, rollout.scores.tolist()
+        judged = self.self_judged(rollout) if loss.self_judge else {}
+        chosen_rejected = list(judged) if loss.self_judge else best_vs_worst_pairs(scores, loss.n_samples_per_prompt,
+                                                                                    loss.min_score_gap)
         pairs = [{"prompt": rollout.prompts[best], "chosen": rollout.sequence(best), "rejected": rollout.sequence(worst),
                   "chosen_text": rollout.texts[best], "rejected_text": rollout.texts[worst],
-                  "scores": [scores[best], scores[worst]]}
-                 for best, worst in best_vs_worst_pairs(scores, self.cfg.loss.n_samples_per_prompt,
-                                                         self.cfg.loss.min_score_gap)]
+                  "scores": [scores[best], scores[worst]],
+                  **({"judge_prob_chosen": judged[best, worst]} if judged else {})}
+                 for best, worst in chosen_rejected]
         for pair, ref in zip(pairs, self.pair_logps(pairs)):
             pair["ref"] = list(ref)
+        return pairs
+
+    def self_judged(self, rollout: Rollout) -> dict[tuple[int, int], float]:
+        """Collective. Seed 000's self-reference: each prompt's first two samples whose texts differ
+        (and are not empty), judged by the policy itself through the colocated sampler as
+        label_preferences.py judges with a local model (``judges.judge_messages``: ``loss.principle``,
+        the row's reference answer when it has one, both orders, P(a better) averaged); (chosen,
+        rejected) indices of each pair with a verdict, an exact tie giving none, and the judge's
+        probability that the chosen one is better."""
+        n = self.cfg.loss.n_samples_per_prompt
+        candidates = []
+        for start in range(0, len(rollout), n):
+            group = [i for i in range(start, start + n) if rollout.texts[i].strip()]
+            second = next((j for j in group[1:] if rollout.texts[j] != rollout.texts[group[0]]), None)
+            if second is not None:
+                candidates.append((group[0], second))
+        prompts, fits = [], []
+        for a, b in candidates:
+            reference = judges.reference_of(rollout.rows[a])
+            both = [prompt_ids(self.tokenizer, judges.judge_messages(self.cfg.loss.principle, rollout.prompts[a],
+                                                                      x, y, reference))
+                    for x, y in ((rollout.texts[a], rollout.texts[b]), (rollout.texts[b], rollout.texts[a]))]
+            if max(map(len, both)) < self.cfg.max_length:  # the sampler's limit, with room for the answer
+                prompts += both
+                fits.append((a, b))
+        if len(fits) < len(candidates):
+            log.warning(f"iteration {self.step + 1}: {len(candidates) - len(fits)} of {len(candidates)} pairs not "
+                        f"self-judged: their judge prompt is max_length={self.cfg.max_length} tokens or longer")
+        candidates = fits
+        mine = distributed.share(list(range(len(candidates))))
+        logps = self.sampler.choice_logprobs([prompts[2 * k + o] for k in mine for o in (0, 1)],
+                                             judges.choice_ids(self.tokenizer))
+        logps = distributed.gather([logps[i:i + 2] for i in range(0, len(logps), 2)])
+        pairs = {}
+        for (a, b), (a_first, b_first) in zip(candidates, logps):
+            verdict, p = judges.decide(judges.two_way(a_first), judges.two_way(b_first[::-1]))
+            if verdict in ("a", "b"):
+                pairs[(a, b) if verdict == "a" else (b, a)] = max(p, 1 - p)
         return pairs
 
 

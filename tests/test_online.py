@@ -102,3 +102,54 @@ def test_iteration_killed_in_training_resumes_on_its_data(tmp_path, loss):
         assert (whole / "iterations" / str(it) / "model" / "config.json").exists()
     records = [r for r in metrics(whole) if "iteration/examples" in r]
     assert len(records) == 2 and all(r["iteration/updates"] == r["iteration/examples"] // 2 for r in records)
+
+
+def test_self_judged_online_dpo_pairs_are_the_policys_own_verdicts(tmp_path):
+    """loss.self_judge (seed 000): each prompt's first two distinct samples, judged by the policy
+    itself in both orders against the row's answer as a reference; the pairs of iteration 1 are the
+    verdicts of a plain forward of the model it started from, P(a better) = (p(A | a first) + p(B |
+    b first)) / 2 over just "A" and "B" written out here, a pair only off an exact tie."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    import judges
+    from data import toy
+    from data.tokenize import prompt_ids
+    from helpers import tiny_checkpoint, trained_tiny, tokenizer
+
+    start = tiny_checkpoint(tmp_path / "start", trained_tiny())
+    run_dir = tmp_path / "run"
+    run_ranks(online_run, 1, tmp_path, online_overrides(run_dir, "online_dpo", "loss.self_judge=true",
+                                                        f"model.archive={start}", "max_length=512", "n_examples=8",
+                                                        "eval_at_end=false"))
+    model, tok = AutoModelForCausalLM.from_pretrained(start).eval(), tokenizer()
+    a_id, b_id = judges.choice_ids(tok)
+    samples = [json.loads(x) for x in (run_dir / "iterations" / "1" / "samples.jsonl").read_text().splitlines()]
+    data = [json.loads(x) for x in (run_dir / "iterations" / "1" / "train.jsonl").read_text().splitlines()]
+    answers = {r["prompt"][-1]["content"]: r["answer"] for r in toy.prompt_rows("add", "train")}
+    want = []
+    for g in range(0, len(samples), 4):
+        texts = [s["text"] for s in samples[g:g + 4] if s["text"].strip()]
+        other = [t for t in texts[1:] if t != texts[0]]
+        if not other:
+            continue
+        a, b = texts[0], other[0]
+        answer = answers[samples[g]["prompt"][-1]["content"]]  # the dataset row's, the reference
+
+        def p_first(x, y):
+            ids = prompt_ids(tok, judges.judge_messages(judges.PRINCIPLE, samples[g]["prompt"], x, y, answer))
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].double()
+            la, lb = torch.log_softmax(logits, -1)[[a_id, b_id]].tolist()
+            return math.exp(la) / (math.exp(la) + math.exp(lb))
+
+        p = (p_first(a, b) + 1 - p_first(b, a)) / 2
+        want.append((a, b, p))
+    assert want
+    expected = {((a, b) if p > 0.5 else (b, a)): max(p, 1 - p) for a, b, p in want if p != 0.5}
+    got = {(d["chosen_text"], d["rejected_text"]): d["judge_prob_chosen"] for d in data}
+    assert len(got) == len(data) == len(expected)
+    for pair, p in expected.items():  # within rounding of 0.5 a verdict may fall either way
+        assert pair in got if p > 0.5 + 1e-5 else (pair in got or pair[::-1] in got)
+        assert got.get(pair, got.get(pair[::-1])) == pytest.approx(p, abs=1e-6)
