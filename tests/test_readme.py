@@ -121,24 +121,31 @@ def test_the_readme_stage_table_commands_are_checked():
         assert command in COMMANDS, command
 
 
-def test_every_readme_command_runs_as_written(tmp_path, judge_server):
+def test_every_readme_command_runs_as_written(tmp_path, request):
     """docs/judges.md's commands ask conftest.judge_server in place of the address they show."""
+    try:
+        judge = request.getfixturevalue("judge_server")
+    except pytest.skip.Exception:  # no vLLM here: the commands that need a judge server are skipped
+        judge = None
     cwd = check_readme.scratch_tree(tmp_path)
-    results = check_readme.run(COMMANDS, cwd, quick_mode=True, timeout=600, judge=judge_server)
+    results = check_readme.run(COMMANDS, cwd, quick_mode=True, timeout=600, judge=judge)
     failed = [r for r in results if r["status"] == "failed"]
     assert not failed, f"{failed[0]['ran']}\n{failed[0]['output_tail']}"
-    assert len([r for r in results if r["status"] == "ok"]) == len([c for c in COMMANDS if not check_readme.skip_reason(c)])
+    assert len([r for r in results if r["status"] == "ok"]) == len([c for c in COMMANDS if not check_readme.skip_reason(c)
+                                                                     and (judge or check_readme.JUDGE_ADDRESS not in c)])
     # the chain: each stage's output exists where the next stage reads it
-    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "odpo", "raft", "rm_ai", "dpo_ai", "grpo_judge", "odpo_judge"):
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "odpo", "raft", "rm_ai", "dpo_ai", "odpo_self",
+                  *(("grpo_judge", "odpo_judge") if judge else ())):
         assert (cwd / "runs" / "readme" / stage / "LATEST" / "config.json").exists(), stage
     log = (cwd / "runs" / "readme" / "sft" / "train.log").read_text()
     assert "saved runs/readme/sft/step-" in log and ".tmp" not in log  # messages name final paths only
     samples = [json.loads(line) for line in (cwd / "runs" / "readme" / "samples.jsonl").read_text().splitlines()]
     assert [s["index"] for s in samples] == list(range(8)) and all(len(s["completions"]) == 4 for s in samples)
     assert (cwd / "runs" / "readme" / "labeled.jsonl").read_text().strip()
-    assert (cwd / "runs" / "readme" / "judged.jsonl").read_text().strip()
-    judged = [json.loads(line) for line in (cwd / "runs" / "readme" / "grpo_judge" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("judge/requests", 0) > 0 and r["judge/errors"] == 0 for r in judged)
+    if judge:
+        assert (cwd / "runs" / "readme" / "judged.jsonl").read_text().strip()
+        judged = [json.loads(line) for line in (cwd / "runs" / "readme" / "grpo_judge" / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("judge/requests", 0) > 0 and r["judge/errors"] == 0 for r in judged)
     for bench in ("bench_sft.json", "bench_dpo.json", "bench_ppo.json", "memory_estimate.json"):
         assert json.loads((cwd / bench).read_text()), bench
 
