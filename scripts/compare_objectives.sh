@@ -4,6 +4,8 @@
 # warmup, KL and filter; then greedy accuracy on the 2,000 held-out prompts and McNemar's paired
 # test against the SFT model, one line per objective (docs/rl.md "What RL does on the toy task").
 #   bash scripts/compare_objectives.sh [run root, default runs/objectives] [objectives, default "grpo gspo cispo sapo"]
+# EXTRA="seed=1" (any train.py overrides) changes every objective's run, as docs/rl.md's seeds and
+# CISPO variants: EXTRA="batch_size=256" bash scripts/compare_objectives.sh runs/cispo_bs256 cispo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/objectives}
@@ -22,7 +24,7 @@ for objective in $OBJECTIVES; do
         reward.functions=[toy_sort] exp_name="objectives_$objective" loss.rollout_batch_size=64 \
         loss.n_samples_per_prompt=8 loss.filter_groups=true loss.sampling.max_new_tokens=16 loss.kl_coef=0.01 \
         batch_size=64 lr=1e-4 warmup_steps=30 n_examples=5120 eval_every=2560 n_eval_examples=200 \
-        eval_batch_size=256 run_dir="$ROOT/$objective"
+        eval_batch_size=256 run_dir="$ROOT/$objective" ${EXTRA:-}
     $PY scripts/eval_task.py --task toy_sort --n 2000 --model "$ROOT/$objective/LATEST" --label "$objective" \
         --against "$ROOT/sft/LATEST"
 done
