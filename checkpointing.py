@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -451,9 +450,11 @@ MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start",
                         "judge.backoff_s", "judge.cache_dir")
 # keys added to the config files since a checkpoint may have been written, with the value the code
 # used before they existed: a saved config without them ran with that value
-ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None, "reward.judges": [],
-            **{f"judge.{k}": v for k, v in yaml.safe_load((Path(__file__).parent / "config/judge/default.yaml")
-                                                           .read_text()).items()}}
+ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None, "reward.judges": [], "loss.self_judge": False,
+            "loss.divergence": "sampled_reverse_kl", "loss.jsd_beta": 0.5}
+# keys added since that are read only where a key of ADDED_AT turns them on (reward.judges,
+# loss.self_judge): whatever their value now, a saved config without them computed the same
+ADDED_UNUSED = ("judge.", "loss.principle")
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:
@@ -479,7 +480,7 @@ def config_differences(saved: dict, now: dict) -> list[str]:
     unset = "(unset)"
     return [f"{k}={a.get(k, unset)} (now {b.get(k, unset)})" for k in sorted(a.keys() | b.keys())
             if not may_change(k) and a.get(k, unset) != b.get(k, unset)
-            and not (k not in a and b[k] == ADDED_AT.get(k))]
+            and not (k not in a and (b[k] == ADDED_AT.get(k) or k.startswith(ADDED_UNUSED)))]
 
 def to_resume(run_dir: Path, cfg) -> Path | None:
     """The checkpoint ``resume=true`` continues from (None: a fresh start), once its files and the

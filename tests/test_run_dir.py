@@ -209,6 +209,15 @@ def test_resume_takes_a_key_added_since_the_checkpoint_at_its_null_default():
     now["loss"].update(epochs_per_iteration=1, sampling={"temperature": 1.0, "top_k": 50, "stop": None})
     assert checkpointing.config_differences(grpo, now) == ["loss.epochs_per_iteration=2 (now 1)",
                                                            "loss.sampling.top_k=(unset) (now 50)"]
+    # from before judges: the judge: group is not read without reward.judges, whatever it holds;
+    # a judge now is a difference
+    before = {"reward": {"functions": ["toy_add"]}, "loss": {"name": "online_dpo"}}
+    after = {"reward": {"functions": ["toy_add"], "judges": []}, "judge": {"model": "x", "temperature": 0.5},
+             "loss": {"name": "online_dpo", "self_judge": False, "principle": "Be kind."}}
+    assert checkpointing.config_differences(before, after) == []
+    after["reward"]["judges"], after["loss"]["self_judge"] = ["http://127.0.0.1:8000/v1"], True
+    assert checkpointing.config_differences(before, after) == [
+        "loss.self_judge=(unset) (now True)", "reward.judges=(unset) (now ['http://127.0.0.1:8000/v1'])"]
 
 
 HOLD = """import sys, time
