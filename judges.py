@@ -285,7 +285,7 @@ def first_letter_prob(tokens: list[dict]) -> float:
     first is the better one, read as label_preferences.py reads a local judge (a judge asked for
     the letter alone). A ``JudgeError`` when neither letter is among the top log-probs."""
     probs = position_probs(tokens[0])
-    a, b = probs.get("A", 0.0), probs.get("B", 0.0)
+    a, b = (probs.get(label, 0.0) for label in LABELS)
     if not a + b > 0:
         raise JudgeError(f"neither A nor B among the judge's most likely first tokens {sorted(probs)[:8]}")
     return a / (a + b)
@@ -330,7 +330,7 @@ LABELS = ("A", "B")
 def judge_messages(principle: str, conversation: list[dict], first: str, second: str,
                    reference: str | None = None) -> list[dict]:
     """One user turn (every chat template has one; not all take a system turn)."""
-    transcript = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
+    transcript = conversation_text(conversation)
     yardstick = ("" if reference is None else
                  f"[Reference answer, a yardstick: not the only right reply]\n{reference}\n\n")
     text = (f"Compare two responses of an AI assistant to the conversation below, judging them by this principle:\n"
@@ -588,9 +588,8 @@ class Judge:
         winner, disagreement = combine(ab, ba)
         if ab_prob is None or ba_prob is None:
             return PairResult(winner, ab, ba, disagreement, texts, None)
-        prob_a = (ab_prob + 1 - ba_prob) / 2
-        winner = 0 if prob_a > 0.5 else 1 if prob_a < 0.5 else None
-        return PairResult(winner, ab, ba, disagreement, texts, None, prob_a)
+        verdict, prob_a = decide(ab_prob, 1 - ba_prob)
+        return PairResult({"a": 0, "b": 1}.get(verdict), ab, ba, disagreement, texts, None, prob_a)
 
     async def _verdict(self, ask, pair: dict, first: str, second: str):
         """(verdict, reply text, error, p(the first shown is better) or None) of one order."""

@@ -146,9 +146,11 @@ class Rewards:
     def score(self, rollout: Rollout):
         """Collective (reward models): ``rollout``'s ``reward_scores``, ``scores`` and ``errors``."""
         per_model = {path: self.model_scores(*rm, rollout) for path, rm in self.models.items()}
-        rows = [{**rollout.rows[i], "prompt": rollout.prompts[i], "completion": rollout.texts[i]}
-                for i in range(len(rollout))]
-        per_judge = {url: judge.score(rows) for url, judge in self.judges.items()}
+        per_judge = {}
+        if self.judges:
+            rows = [{**rollout.rows[i], "prompt": rollout.prompts[i], "completion": rollout.texts[i]}
+                    for i in range(len(rollout))]
+            per_judge = {url: judge.score(rows) for url, judge in self.judges.items()}
         scores, rollout.reward_scores, rollout.errors = [], [], []
         for i in range(len(rollout)):
             by_name, error = {path: values[i] for path, values in per_model.items()}, None

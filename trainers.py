@@ -755,10 +755,10 @@ def check_sampling(cfg, world: int, reward_required: bool = True):
     rewards.check_config(cfg.reward, cfg.judge, env=bool(cfg.env), required=reward_required)
 
 
-def start_sampling(trainer, reward_required: bool = True):
+def start_sampling(trainer, reward_required: bool):
     """What a trainer that samples holds besides its models: ``env`` (the environment's episode
-    runner, ``env=``), ``rewards`` (the functions, and the reward models, sharded like the policy)
-    and the colocated ``sampler``, built from the policy."""
+    runner, ``env=``), ``rewards`` (the functions, the reward models, sharded like the policy, and
+    the judges) and the colocated ``sampler``, built from the policy."""
     cfg, t = trainer.cfg, trainer
     t.env = None
     if cfg.env:

@@ -279,11 +279,8 @@ def label_with_server(args, rows: list[dict], skipped: int) -> int:
         return 0
     node = OmegaConf.load(REPO / "config" / "judge" / "default.yaml")
     node.update({"mode": "pairwise", "template": "config/judge/templates/pairwise.txt"})
-    for item in args.set:
+    for item in args.set:  # a key that is not the judge's is refused by load_config, with the closest one
         key, _, value = item.partition("=")
-        if key not in node:
-            raise models.ConfigError(f"--set {item}: {key} is not a judge key (config/judge/default.yaml: "
-                                     f"{', '.join(node)})")
         node[key] = yaml.safe_load(value)
     judge = judges.Judge(judges.load_config(node, args.judge))
     results = judge.compare([{**row["extra"], "prompt": row["prompt"], "response_a": row["a"], "response_b": row["b"]}

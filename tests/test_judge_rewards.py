@@ -49,6 +49,13 @@ def judged(tmp_path, url, *extra):
             "judge.timeout_s=5", *extra]
 
 
+def final_metrics(run_dir):
+    """What two runs of one config must agree on: their metrics but wall-clock times, the judge's
+    counts and its label (its port differs); its scores are in rollout/score_mean."""
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "judge/", "reward/judge@"))
+             and k not in WALL_CLOCK} for r in metrics(run_dir)]
+
+
 def test_each_samples_reward_is_the_judges_score_and_the_counts_are_logged(tmp_path, single_process, judge):
     run_dir = tmp_path / "run"
     cfg = make_cfg(*rl_overrides(run_dir, "grpo", "eval_at_end=false", "loss.save_rollouts=true"),
@@ -95,11 +102,6 @@ def test_a_judge_rewarded_run_killed_and_resumed_ends_as_the_uninterrupted_run(t
                 "warmup_steps=1", "max_length=48", "max_prompt_length=24", "loss.sampling.max_new_tokens=6",
                 "loss.sampling.temperature=2.0", "reward.functions=[]", *judged(tmp_path, url)]
 
-    def final(run_dir):
-        # the judge's counts and its label (its port) differ; its scores are in rollout/score_mean
-        return [{k: v for k, v in r.items() if not k.startswith(("timing/", "judge/", "reward/judge@"))
-                 and k not in WALL_CLOCK} for r in metrics(run_dir)]
-
     runs = {}
     for name in ("uninterrupted", "killed"):
         server, seen = FakeServer(), Counter()
@@ -116,7 +118,7 @@ def test_a_judge_rewarded_run_killed_and_resumed_ends_as_the_uninterrupted_run(t
             assert max(seen.values()) == 1  # the judge was never asked the same thing twice
         finally:
             server.close()
-        runs[name] = final(tmp_path / name)
+        runs[name] = final_metrics(tmp_path / name)
     assert len(runs["killed"]) == len(runs["uninterrupted"]) == 4
     assert runs["killed"] == runs["uninterrupted"]
 
@@ -161,8 +163,4 @@ def test_a_judge_that_goes_down_mid_run_stops_it_and_the_run_resumes_when_it_is_
         back.close()
     assert len(back.requests) == 16  # iterations 2 and 3; the first was checkpointed
 
-    def final(run_dir):
-        return [{k: v for k, v in r.items() if not k.startswith(("timing/", "judge/", "reward/judge@"))
-                 and k not in WALL_CLOCK} for r in metrics(run_dir)]
-
-    assert final(tmp_path / "run") == final(tmp_path / "steady")
+    assert final_metrics(tmp_path / "run") == final_metrics(tmp_path / "steady")

@@ -7,14 +7,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, fast_overrides, make_cfg, run_ranks
+from conftest import REPO, fast_overrides, free_port, make_cfg, run_ranks
 from helpers import assert_same_run, metrics, train_run
 
 SLURM = REPO / "scripts" / "slurm"
@@ -164,12 +163,6 @@ def test_sbatch_files_pass_their_stage_and_the_users_overrides(fakes, stage):
         cfg = make_cfg(*overrides)  # a valid config, where the user's values won
         assert (cfg.loss.name, cfg.model.name, cfg.model.archive, cfg.lr, cfg.resume) == \
                (stage, "llama3_8b", "/ckpt/sft/LATEST", 3e-6, False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 FAKE_TRAIN = """import os, signal, sys, time
