@@ -389,6 +389,8 @@ def test_on_policy_distillation_moves_the_student_toward_the_teacher(tmp_path, d
                  "max_prompt_length=40", "loss.sampling.max_new_tokens=12", "eval_at_start=false",
                  f"loss.divergence={divergence}"]
     run_ranks(rl_run, 1, tmp_path, overrides, None, False)
+    # nothing scores the samples: no score metric at all (it used to be logged as 0)
+    assert not any("rollout/score_mean" in r or "rollout/score_std" in r for r in metrics(run_dir))
     for name in {metric, "distill/reverse_kl"}:
         name = name if name == "distill/reverse_kl" else name + "/train"
         values = [r[name] for r in metrics(run_dir) if name in r]
