@@ -107,9 +107,10 @@ def _states(model, optimizer, extra: dict | None) -> dict:
 
 
 def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep: int | None = None,
-         extra: dict | None = None) -> Path:
+         extra: dict | None = None, files: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory. ``extra``: {name: (model,
-    optimizer)} of models trained alongside, saved in the same checkpoint."""
+    optimizer)} of models trained alongside, saved in the same checkpoint; ``files``: {file name:
+    object}, rank 0's, saved with ``torch.save`` beside the state (the rollouts generated ahead)."""
     final = Path(run_dir) / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     failure = None
@@ -122,7 +123,9 @@ def save(run_dir: str | Path, step: int, model, optimizer, trainer_state: dict, 
         failure = _attempt(tmp, torch.save, rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
     _agree(failure, tmp)
     if distributed.is_main():
-        failure = _attempt(tmp, _seal, tmp, final, trainer_state)
+        for name, value in (files or {}).items():
+            failure = failure or _attempt(tmp, torch.save, value, tmp / name)
+        failure = failure or _attempt(tmp, _seal, tmp, final, trainer_state)
         if failure is None and keep:
             prune(run_dir, keep)
     _agree(failure, tmp)
@@ -444,14 +447,15 @@ MAY_CHANGE_ON_RESUME = ("n_examples", "n_epochs", "eval_every", "eval_at_start",
                         "n_eval_model_samples", "save_every", "keep_checkpoints", "loss.save_rollouts",
                         "loss.save_iteration_models", "wandb", "exp_name", "run_dir", "resume", "debug",
                         "dist_timeout_minutes", "requeue_on_timeout", "activation_checkpointing", "packing_check",
-                        "reshard_after_forward", "profile_steps", "monitors",
+                        "reshard_after_forward", "profile_steps", "monitors", "rollout.sync_timeout_s",
                         # how a judge is reached, not what it answers (the address is reward.judges')
                         "judge.api_key_env", "judge.max_concurrency", "judge.timeout_s", "judge.max_retries",
                         "judge.backoff_s", "judge.cache_dir")
 # keys added to the config files since a checkpoint may have been written, with the value the code
 # used before they existed: a saved config without them ran with that value
 ADDED_AT = {"loss.sampling.top_k": 0, "loss.sampling.stop": None, "reward.judges": [], "loss.self_judge": False,
-            "loss.divergence": "sampled_reverse_kl", "loss.jsd_beta": 0.5}
+            "loss.divergence": "sampled_reverse_kl", "loss.jsd_beta": 0.5, "rollout.max_staleness": 0,
+            "rollout.sampler_ranks": 0}
 # keys added since that are read only where a key of ADDED_AT turns them on (reward.judges,
 # loss.self_judge): whatever their value now, a saved config without them computed the same
 ADDED_UNUSED = ("judge.", "loss.principle")
@@ -516,7 +520,7 @@ def save_run(trainer, export: bool):
     """Collective: a checkpoint of ``trainer`` at its step (the policy, its optimizer, the models
     of ``extra_models`` and ``trainer_state``), and with ``export`` the HF directory ``LATEST``."""
     path = save(trainer.run_dir, trainer.step, trainer.model, trainer.optimizer, trainer.trainer_state(),
-                keep=trainer.cfg.keep_checkpoints, extra=trainer.extra_models())
+                keep=trainer.cfg.keep_checkpoints, extra=trainer.extra_models(), files=trainer.checkpoint_files())
     log.info(f"saved {path}")
     if export:
         trainer.export(trainer.run_dir / "LATEST", step=trainer.step)
@@ -540,6 +544,7 @@ def resume_run(trainer):
     state = load(path, trainer.model, trainer.optimizer, extra=trainer.extra_models())
     check_base(state.get("base_fingerprint"), trainer.base_fingerprint, trainer.cfg, path)
     trainer.restore_state(state)
+    trainer.restore_files(path)
     trainer.metrics.truncate(state["metric_lines"], path)  # what the killed run logged after it goes
     step = trainer.step
     log.info(f"resumed from {path} at step {step}")

@@ -12,6 +12,7 @@ import datetime
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -98,7 +99,7 @@ def lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed, which in a run that worked so far means another
     rank died or stopped answering. NCCL and the store raise DistError; gloo's transport errors
     (connection reset or closed by the peer, receive timeout) arrive as plain RuntimeErrors."""
-    if world() == 1:
+    if world() == 1 and LAUNCH_RANK is None:
         return False
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
 
@@ -151,7 +152,9 @@ def world() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Whether this process writes the run's logs, metrics, checkpoints' state and exports: rank 0
+    of the trainer ranks (in the split layout a sampler rank never is)."""
+    return ROLE == "trainer" and rank() == 0
 
 
 def all_sum(values: list[float], dev: torch.device) -> list[float]:
@@ -251,3 +254,101 @@ def setup_logging(log_file: str | None = None, debug: bool = False):
     logging.basicConfig(level=ours if debug else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
     log.setLevel(ours)
+
+
+# --- the split layout: trainer ranks and sampler ranks in one launch -----------------------------
+
+ROLE = "trainer"  # this process's part of the launch: "trainer", or "sampler" (rollout.sampler_ranks)
+LAUNCH_RANK = None  # its rank in the launch once split (None: not split; rank() is the launch's)
+LAUNCH_WORLD = None  # the launch's ranks once split
+LINK = None  # trainer rank 0's and the sampler ranks' Link once split
+
+
+class SyncTimeout(RuntimeError):
+    """A transfer between the trainer ranks and the sampler ranks that did not finish in time."""
+
+
+def split(sampler_ranks: int, sync_timeout_s: float, timeout_minutes: float) -> Link | None:
+    """Collective over the whole launch: its last ``sampler_ranks`` ranks become sampler ranks, the
+    others trainer ranks, and each part gets a default process group of its own in place of the
+    launch's. So everything written for "every rank" (FSDP's mesh, checkpoints, metrics, the
+    samplers' vLLM, which joins the world it finds) runs over its own part unchanged. Returns the
+    ``Link`` between trainer rank 0 and the sampler ranks on those ranks (None on the other
+    trainer ranks). ``RANK``/``WORLD_SIZE`` are set to the part's, as vLLM reads them."""
+    global ROLE, LAUNCH_RANK, LAUNCH_WORLD, LINK
+    launch_rank, launch_world = dist.get_rank(), dist.get_world_size()
+    trainers = launch_world - sampler_ranks
+    store, backend = dist.distributed_c10d._get_default_store(), dist.get_backend()
+    dist.barrier()  # no rank still uses the launch's group when it goes (the store outlives it)
+    dist.destroy_process_group()
+    ROLE = "sampler" if launch_rank >= trainers else "trainer"
+    LAUNCH_RANK, LAUNCH_WORLD = launch_rank, launch_world
+    part_rank, part_world = (launch_rank - trainers, sampler_ranks) if ROLE == "sampler" else (launch_rank, trainers)
+    kwargs = dict(backend=backend, store=dist.PrefixStore(f"part/{ROLE}", store), rank=part_rank,
+                  world_size=part_world, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if torch.cuda.is_available():
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(**kwargs)
+    os.environ.update(RANK=str(part_rank), WORLD_SIZE=str(part_world))
+    if ROLE == "trainer" and part_rank != 0:
+        return None
+    LINK = Link(store, 0 if ROLE == "trainer" else 1 + part_rank, 1 + sampler_ranks, sync_timeout_s, timeout_minutes)
+    return LINK
+
+
+def launch_world() -> int:
+    """The number of ranks in the launch (trainer and sampler ranks)."""
+    return world() if LAUNCH_RANK is None else LAUNCH_WORLD
+
+
+def launch_rank() -> int:
+    """This process's rank in the launch (what torchrun's messages call it)."""
+    return rank() if LAUNCH_RANK is None else LAUNCH_RANK
+
+
+class Link:
+    """Trainer rank 0 (link rank 0) and the sampler ranks (1..K): Python objects point to point
+    (commands, samples; gloo, sent without waiting, received under the run's collective timeout)
+    and tensors broadcast from link rank 0 (the weights; NCCL on GPU, gloo on CPU), under
+    ``sync_timeout_s``: a broadcast not done by then raises ``SyncTimeout``."""
+
+    def __init__(self, store, rank: int, size: int, sync_timeout_s: float, timeout_minutes: float):
+        self.rank, self.size, self.sync_timeout_s = rank, size, sync_timeout_s
+        self.objects = dist.ProcessGroupGloo(dist.PrefixStore("link/objects", store), rank, size,
+                                             datetime.timedelta(minutes=timeout_minutes))
+        sync_timeout = datetime.timedelta(seconds=sync_timeout_s)
+        if torch.cuda.is_available():
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = sync_timeout
+            self.weights = dist.ProcessGroupNCCL(dist.PrefixStore("link/weights", store), rank, size, options)
+        else:
+            self.weights = dist.ProcessGroupGloo(dist.PrefixStore("link/weights", store), rank, size, sync_timeout)
+        self.sending = []  # (work, buffer) of sends not known to be done: the buffers must live until then
+
+    def send(self, obj, to: int):
+        """Send ``obj`` to link rank ``to`` without waiting for it to be received."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        self.sending = [(w, b) for w, b in self.sending if not w.is_completed()]
+        for tag, tensor in enumerate((size, data)):
+            self.sending.append((self.objects.send([tensor], to, tag), tensor))
+
+    def recv(self, src: int):
+        """The next object link rank ``src`` sent (in the order sent)."""
+        size = torch.zeros(1, dtype=torch.int64)
+        self.objects.recv([size], src, 0).wait()
+        data = torch.empty(int(size[0]), dtype=torch.uint8)
+        self.objects.recv([data], src, 1).wait()
+        return pickle.loads(data.numpy().tobytes())
+
+    def broadcast(self, tensor: torch.Tensor, phase: str):
+        """``tensor`` from link rank 0 into every sampler rank's ``tensor``; ``SyncTimeout`` naming
+        this rank and ``phase`` if it is not done in ``sync_timeout_s``."""
+        try:
+            self.weights.broadcast([tensor], dist.BroadcastOptions()).wait()
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+                raise
+            side = "trainer rank 0" if self.rank == 0 else f"sampler rank {self.rank - 1}"
+            raise SyncTimeout(f"rank {launch_rank()} ({side}): {phase} did not finish in rollout.sync_timeout_s="
+                              f"{self.sync_timeout_s:g}s") from None

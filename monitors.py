@@ -81,7 +81,9 @@ class Monitors:
             out["zero_advantage"] = (value, value > cfg.zero_advantage,
                                      f"{value:.3g} of the samples have zero advantage (> monitors.zero_advantage="
                                      f"{cfg.zero_advantage}): their groups all scored the same, no signal")
-        if "rollout/logp_mismatch" in record:
+        # off-policy samples (rollout.max_staleness) differ from pi_old by the updates since they were
+        # drawn as well, which the importance weight corrects: the engine's own error is not readable there
+        if "rollout/logp_mismatch" in record and not record.get("rollout/staleness_max"):
             value = record["rollout/logp_mismatch"]
             out["sampler_mismatch"] = (value, value > cfg.sampler_mismatch,
                                        f"sampler and trainer log-probs differ by {value:.3g} per token "

@@ -50,6 +50,7 @@ class Rollout:
     kl: torch.Tensor | None = None            # [N, T]: per-token KL estimate to the reference
     teacher_logps: torch.Tensor | None = None  # [N, T]: on-policy distillation's teacher
     episodes: list | None = None              # multi-turn: what each episode was (environments.Episode)
+    versions: torch.Tensor | None = None      # [N] long: the updates done when the weights that sampled it synced
 
     @staticmethod
     def of(examples: list[dict], completions: list[list], eos_id: int) -> Rollout:
@@ -110,6 +111,8 @@ class Rollout:
         for i in range(len(self)):
             row = {"prompt": self.prompts[i], "text": self.texts[i], "score": self.scores[i].item(),
                    "scores": self.reward_scores[i], "finish_reason": self.finish_reasons[i]}
+            if self.versions is not None:
+                row["policy_version"] = int(self.versions[i])
             if self.episodes is not None:
                 row.update(conversation=self.episodes[i].conversation, turns=self.episodes[i].turns,
                            info=self.episodes[i].info)

@@ -670,7 +670,7 @@ def build_sampler(cfg, model, tokenizer, run_dir) -> Sampler:
     if name != "vllm":
         raise ValueError(f"sampler.name={section.name!r}: expected vllm, hf or auto")
     model_dir = Path(run_dir) / "sampler_model"
-    if distributed.is_main():
+    if distributed.rank() == 0:  # (the sampler ranks' first, in the split layout)
         write_model_dir(model, tokenizer, model_dir)
     distributed.barrier()
     sampler = VLLMSampler(str(model_dir), **config_kwargs(VLLMSampler, section), debug=bool(cfg.get("debug")))

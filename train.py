@@ -71,6 +71,16 @@ def main(cfg):
 
         if cfg.loss.trainer not in TRAINERS:
             raise ValueError(f"loss.trainer={cfg.loss.trainer!r} is not one of {sorted(TRAINERS)}")
+        if cfg.rollout.sampler_ranks:  # the split layout: the last ranks only generate
+            from trainers import check_rollout
+
+            check_rollout(cfg, distributed.world(), TRAINERS[cfg.loss.trainer])
+            link = distributed.split(cfg.rollout.sampler_ranks, cfg.rollout.sync_timeout_s, cfg.dist_timeout_minutes)
+            if distributed.ROLE == "sampler":
+                import sampler_service
+
+                sampler_service.serve(cfg, device, link)
+                return
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
     except BaseException as exc:
@@ -78,6 +88,10 @@ def main(cfg):
         # it will never join, so it leaves without the collective clean-up (sampler close, barrier)
         # and its exit ends the job (torchrun stops the other ranks) instead of hanging it.
         group_intact = False
+        if isinstance(exc, distributed.SyncTimeout):
+            log.error(f"{exc}: the run stops. Last complete checkpoint: {checkpointing.last_checkpoint(cfg.run_dir)}; "
+                      f"run again with resume=true to continue from it")
+            raise SystemExit(1) from None
         if isinstance(exc, Exception) and distributed.lost_peer(exc):
             report_lost_peer(cfg, trainer, exc)
         elif user_error(exc, building=trainer is None) and not (cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):

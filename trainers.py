@@ -83,6 +83,7 @@ from metrics_log import MetricsLog, means
 from preemption import StopSignals
 from rollout import TOKEN_FIELDS, Rollout
 from sampler import SamplingConfig, build_sampler, rollout_of, sampling_params
+from sampler_service import RemoteSampler
 
 log = logging.getLogger("train")
 
@@ -207,6 +208,7 @@ class Trainer:
 
     def check_config(self):
         check_run_config(self.cfg, self.world, self.plays_episodes)
+        check_rollout(self.cfg, distributed.launch_world(), type(self))
         overrides.check_schema(self.cfg.loss, self.loss_config, "loss", f"an option of loss={self.cfg.loss.name}")
 
     def sequences(self, example: dict) -> list[dict]:
@@ -256,6 +258,13 @@ class Trainer:
     def export(self, out_dir: Path, step: int | None = None):
         """Collective: the Hugging Face directory the next stage loads (``step``: the checkpoint it is)."""
         checkpointing.export_hf(self.model, self.tokenizer, out_dir, step=step)
+
+    def checkpoint_files(self) -> dict:
+        """{file name: object} a checkpoint holds beside the state (rank 0's; ``torch.save``)."""
+        return {}
+
+    def restore_files(self, path: Path):
+        """What ``checkpoint_files`` saved in the checkpoint at ``path``, read back."""
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "examples": self.examples_seen, "tokens": self.tokens_seen,
@@ -758,7 +767,8 @@ def check_sampling(cfg, world: int, reward_required: bool = True):
 def start_sampling(trainer, reward_required: bool):
     """What a trainer that samples holds besides its models: ``env`` (the environment's episode
     runner, ``env=``), ``rewards`` (the functions, the reward models, sharded like the policy, and
-    the judges) and the colocated ``sampler``, built from the policy."""
+    the judges), the ``sampler`` (colocated, built from the policy; or the sampler ranks, with
+    ``rollout.sampler_ranks``) and the ``rollouts`` it generates ahead (``RolloutQueue``)."""
     cfg, t = trainer.cfg, trainer
     t.env = None
     if cfg.env:
@@ -767,31 +777,152 @@ def start_sampling(trainer, reward_required: bool):
     t.rewards = rewards.Rewards(cfg.reward, cfg.judge, t.tokenizer, t.layout, t.forward_size(), cfg.row_tokens,
                                 env=t.env is not None, required=reward_required,
                                 judge_cache=str(t.run_dir / "judge_cache"))
-    t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
+    if cfg.rollout.sampler_ranks:
+        t.sampler = RemoteSampler(distributed.LINK, cfg.rollout.sampler_ranks)
+        if distributed.LINK is not None:  # what the sampler ranks build their copy of the policy with
+            for k in range(1, cfg.rollout.sampler_ranks + 1):
+                distributed.LINK.send({"fsdp_policy_mp": cfg.model.fsdp_policy_mp}, k)
+    else:
+        t.sampler = build_sampler(cfg, t.model, t.tokenizer, t.run_dir)
+    t.rollouts = RolloutQueue(t)
     for path in cfg.reward.models:
         model_cfg = models.config_for(cfg, path)
         scorer = t.models.scorer(model_cfg).requires_grad_(False).eval()
         t.rewards.add_model(path, scorer, models.load_tokenizer(model_cfg))
 
 
-def sample_rollout(trainer) -> tuple[Rollout, dict]:
-    """Collective: this step's prompts, ``n_samples_per_prompt`` completions each from the current
-    weights (each rank samples and scores its share), as one Rollout on every rank; and the
-    seconds of each phase."""
-    loss, step = trainer.cfg.loss, trainer.step
-    timing = {"sync": trainer.sampler.sync_weights(trainer.model)}
-    mine = distributed.share([trainer.train_examples[i] for i in trainer.global_batch(step)])
-    t = time.perf_counter()
-    # seeded by the step, so that a resumed run samples what the uninterrupted run sampled
+def check_rollout(cfg, launch_world: int, trainer_class):
+    """``rollout:``'s checks, before the launch is split into trainer and sampler ranks."""
+    section = cfg.rollout
+    k, samplers = section.max_staleness, section.sampler_ranks
+    if not isinstance(k, int) or k < 0:
+        raise models.ConfigError(f"rollout.max_staleness={k}: expected 0 (on-policy) or a number of updates >= 1")
+    if not isinstance(samplers, int) or not 0 <= samplers < launch_world:
+        raise models.ConfigError(f"rollout.sampler_ranks={samplers}: expected 0 (every rank samples and trains) or "
+                                 f"fewer than the launch's {launch_world} ranks (the rest train)")
+    if (k or samplers) and not issubclass(trainer_class, PolicyGradientTrainer):
+        raise models.ConfigError(f"rollout.max_staleness / rollout.sampler_ranks: loss={cfg.loss.name} samples "
+                                 f"on-policy in every rank; they apply to the policy-gradient losses (grpo, ppo, "
+                                 f"rloo, reinforce_pp, gspo, cispo, sapo, distill)")
+    if samplers and cfg.env:
+        raise models.ConfigError(f"rollout.sampler_ranks={samplers} with env={cfg.env}: the sampler ranks do not "
+                                 f"run environments yet; use rollout.sampler_ranks=0")
+    if samplers and cfg.fsdp_shard_ranks not in (None, launch_world - samplers):
+        raise models.ConfigError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} with rollout.sampler_ranks={samplers}: "
+                                 f"the trainer ranks shard over all of them (fsdp_shard_ranks=null)")
+    if not section.sync_timeout_s > 0:
+        raise models.ConfigError(f"rollout.sync_timeout_s={section.sync_timeout_s}: expected seconds > 0")
+
+
+def rollout_request(trainer, step: int) -> tuple[list[dict], sampler.SamplingParams]:
+    """Step ``step``'s prompt examples (every rank's) and sampling parameters, seeded by the step,
+    so that a resumed run samples what the uninterrupted run sampled."""
+    loss = trainer.cfg.loss
     params = sampling_params(loss.sampling, "loss.sampling", n=loss.n_samples_per_prompt,
                              seed=trainer.cfg.seed * 1_000_003 + step)
-    rollout = rollout_of(trainer.sampler, mine, params, trainer.tokenizer.eos_token_id, trainer.env)
-    timing["generate"], t = time.perf_counter() - t, time.perf_counter()
-    trainer.rewards.score(rollout)
+    return [trainer.train_examples[i] for i in trainer.global_batch(step)], params
+
+
+AHEAD_FILE = "rollouts_ahead.pt"  # in a checkpoint: the RolloutQueue's rollouts for the steps after it
+
+
+@dataclass
+class Started:
+    """A rollout whose generation has started: for step ``step``, from the weights after
+    ``version`` updates. The colocated layout generates it at once (``rollout``); the sampler
+    ranks send it later (``ticket``)."""
+    step: int
+    version: int
+    examples: list[dict]
+    ticket: int | None = None
+    rollout: Rollout | None = None
+
+
+class RolloutQueue:
+    """The rollouts generated ahead of the step that trains on them. With ``rollout.max_staleness``
+    k, step j's rollout is sampled from the weights after update max(0, j - k): at step s the
+    trainer takes rollout s, then starts those of the steps up to s + k from its current weights,
+    which the sampler ranks generate while the trainers train (``rollout.sampler_ranks``); the
+    colocated layout generates them at once, on the same ranks. k = 0 is on-policy: each step
+    syncs and samples, then trains. A checkpoint holds the rollouts started and not yet trained
+    on (``state``), waiting for any still in flight: a resumed run trains on exactly those."""
+
+    def __init__(self, trainer):
+        self.trainer, self.ahead, self.synced = trainer, {}, None
+
+    def take(self, step: int) -> tuple[Rollout, dict]:
+        """Collective: step ``step``'s rollout (unscored, the whole of it on every rank, each sample's
+        ``versions``); then the rollouts of the next steps started; and the seconds of each phase."""
+        t, timing = self.trainer, {"sync": 0.0, "generate": 0.0}
+        if step not in self.ahead:
+            self.start(step, timing)
+        rollout = self.finish(self.ahead.pop(step), timing)
+        for j in range(step + 1, min(step + t.cfg.rollout.max_staleness, t.total_steps - 1) + 1):
+            if j not in self.ahead:
+                self.start(j, timing)
+        return rollout, timing
+
+    def start(self, step: int, timing: dict):
+        t = self.trainer
+        if self.synced != t.step:  # the weights it samples from: those after t.step updates
+            timing["sync"] += t.sampler.sync_weights(t.model)
+            timing["sync_wait"] = getattr(t.sampler, "sync_stats", {}).get("wait", 0.0)
+            self.synced = t.step
+        examples, params = rollout_request(t, step)
+        started = Started(step, t.step, examples)
+        clock = time.perf_counter()
+        if isinstance(t.sampler, RemoteSampler):
+            started.ticket = t.sampler.submit([ex["prompt_ids"] for ex in examples], params)
+        else:  # each rank samples its share of the prompts
+            mine = rollout_of(t.sampler, distributed.share(examples), params, t.tokenizer.eos_token_id, t.env)
+            started.rollout = Rollout.cat(distributed.gather([mine]))
+            started.rollout.versions = torch.full((len(started.rollout),), t.step, dtype=torch.long)
+        timing["generate"] += time.perf_counter() - clock
+        self.ahead[step] = started
+
+    def finish(self, started: Started, timing: dict | None = None) -> Rollout:
+        """The rollout of ``started``, waiting for the sampler ranks if it is still in flight."""
+        if started.rollout is None:
+            t, clock = self.trainer, time.perf_counter()
+            samples = t.sampler.result(started.ticket)
+            started.rollout = Rollout.of(started.examples, samples, t.tokenizer.eos_token_id)
+            started.rollout.versions = torch.full((len(started.rollout),), started.version, dtype=torch.long)
+            if timing is not None:
+                timing["generate"] += time.perf_counter() - clock  # the trainers' idle time
+                timing["sampler_generate"], timing["sampler_idle"] = t.sampler.sampler_seconds
+        return started.rollout
+
+    def state(self) -> list[Started]:
+        """Collective: the rollouts started for the steps after this one, each received."""
+        for started in self.ahead.values():
+            self.finish(started)
+        return [self.ahead[j] for j in sorted(self.ahead)]
+
+    def restore(self, saved: list[Started]):
+        self.ahead, self.synced = {s.step: s for s in saved}, None
+
+
+def sample_rollout(trainer) -> tuple[Rollout, dict]:
+    """Collective: this step's rollout (``RolloutQueue``), scored (each rank scores a share), as one
+    Rollout on every rank; and the seconds of each phase."""
+    rollout, timing = trainer.rollouts.take(trainer.step)
+    t = time.perf_counter()
+    mine = rollout.select(distributed.share(list(range(len(rollout)))))
+    trainer.rewards.score(mine)
     timing["score"] = time.perf_counter() - t
-    rollout = Rollout.cat(distributed.gather([rollout]))
-    trainer.rewards.check(rollout, step + 1)
+    rollout = Rollout.cat(distributed.gather([mine]))
+    trainer.rewards.check(rollout, trainer.step + 1)
     return rollout, timing
+
+
+def staleness(rollout: Rollout, step: int, max_staleness: int) -> dict:
+    """How many updates old the weights that sampled each sample are, at step ``step``: their mean
+    and max; a sample older than ``max_staleness`` is a fault of the queue, not of the user."""
+    age = step - rollout.versions
+    if len(rollout) and not 0 <= int(age.min()) <= int(age.max()) <= max_staleness:
+        raise RuntimeError(f"step {step + 1}: samples {age.max().item()} updates old with rollout.max_staleness="
+                           f"{max_staleness} (versions {sorted(set(rollout.versions.tolist()))})")
+    return {"rollout/staleness_mean": age.float().mean().item(), "rollout/staleness_max": int(age.max())} if len(rollout) else {}
 
 
 def token_term(per_token, stats: dict, mask, weights) -> tuple[torch.Tensor, dict]:
@@ -882,6 +1013,14 @@ class PolicyGradientTrainer(Trainer):
     def trainer_state(self) -> dict:
         return {**super().trainer_state(), "kl_coef": self.kl_ctl.value}
 
+    def checkpoint_files(self) -> dict:
+        """The rollouts generated for the next steps (``rollout.max_staleness``), received."""
+        return {AHEAD_FILE: self.rollouts.state()} if self.cfg.rollout.max_staleness else {}
+
+    def restore_files(self, path: Path):
+        if self.cfg.rollout.max_staleness:
+            self.rollouts.restore(torch.load(path / AHEAD_FILE, weights_only=False))
+
     def restore_state(self, state: dict):
         super().restore_state(state)
         self.kl_ctl.value = state["kl_coef"]
@@ -891,6 +1030,7 @@ class PolicyGradientTrainer(Trainer):
         # 1. sample this step's prompts and score the completions: the whole rollout on every rank
         rollout, timing = sample_rollout(self)
         record, n_sampled = self.rewards.metrics(rollout), len(rollout)
+        record.update(staleness(rollout, self.step, self.cfg.rollout.max_staleness))
         # 2. the samples to train on (GRPO's filter_groups: the groups whose scores differ)
         kept = self.keep(rollout)
         if kept is not None:

@@ -44,7 +44,7 @@ class _Probe:
             ACTIONS[self.do](self)
 
     def pids(self) -> list[int]:
-        return [int((self.pid_dir / f"rank{r}").read_text()) for r in range(self.trainer.world)]
+        return [int(f.read_text()) for f in sorted(self.pid_dir.glob("rank*"))]  # (sampler ranks too)
 
     def signal_all(self, sig):
         for pid in self.pids():  # every rank at once; this one last
