@@ -866,7 +866,8 @@ class RolloutQueue:
         t = self.trainer
         if self.synced != t.step:  # the weights it samples from: those after t.step updates
             timing["sync"] += t.sampler.sync_weights(t.model)
-            timing["sync_wait"] = getattr(t.sampler, "sync_stats", {}).get("wait", 0.0)
+            if isinstance(t.sampler, RemoteSampler):  # waiting for the sampler ranks to finish what they generate
+                timing["sync_wait"] = t.sampler.sync_stats["wait"]
             self.synced = t.step
         examples, params = rollout_request(t, step)
         started = Started(step, t.step, examples)
