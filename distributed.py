@@ -333,6 +333,13 @@ class Link:
         for tag, tensor in enumerate((size, data)):
             self.sending.append((self.objects.send([tensor], to, tag), tensor))
 
+    def flush(self):
+        """Wait until everything sent has been received (before this process ends: a send still in
+        flight then would reach its receiver as a reset connection)."""
+        for work, _ in self.sending:
+            work.wait()
+        self.sending = []
+
     def recv(self, src: int):
         """The next object link rank ``src`` sent (in the order sent)."""
         size = torch.zeros(1, dtype=torch.int64)

@@ -116,14 +116,27 @@ class RemoteSampler(Sampler):
         if self.link is not None:
             for k in range(1, self.samplers + 1):
                 self.link.send(("stop",), k)
+            self.link.flush()
             self.link = None
 
 
 def serve(cfg, device: torch.device, link):
     """A sampler rank's whole run: build the policy and its sampler, then answer trainer rank 0's
-    commands until it says stop."""
+    commands until it says stop. A stop signal (preemption, Ctrl-C, slurm's warning: they reach
+    every rank) is the trainers' to act on: this rank generates what is asked until the trainers,
+    checkpointing, have received what they wait for, and then say stop."""
+    from preemption import StopSignals
+
+    StopSignals()
     tokenizer = models.load_tokenizer(cfg.model)
-    hello = link.recv(0)  # what trainer rank 0 resolved: the compute dtype it measured
+    try:
+        hello = link.recv(0)  # what trainer rank 0 resolved: the compute dtype it measured
+    except RuntimeError as exc:  # the trainers stopped before they were built: a bad config or input
+        if not distributed.lost_peer(exc):
+            raise
+        log.warning(f"rank {distributed.launch_rank()} (sampler): the trainer ranks stopped before training "
+                    f"(trainer rank 0 says why)")
+        raise SystemExit(2) from None
     cfg.model.fsdp_policy_mp = hello["fsdp_policy_mp"]
     model, _ = models.Builder(cfg, device).policy()
     model.requires_grad_(False)

@@ -1028,7 +1028,8 @@ class PolicyGradientTrainer(Trainer):
 
     def train_step(self) -> dict:
         loss, start = self.cfg.loss, time.perf_counter()
-        # 1. sample this step's prompts and score the completions: the whole rollout on every rank
+        # 1. this step's rollout, sampled now or (rollout.max_staleness) up to k updates ago, scored: the
+        #    whole rollout on every rank; the next steps' rollouts started
         rollout, timing = sample_rollout(self)
         record, n_sampled = self.rewards.metrics(rollout), len(rollout)
         record.update(staleness(rollout, self.step, self.cfg.rollout.max_staleness))

@@ -58,6 +58,8 @@ SKIP = [
     ("scripts/bench_real.py", "7 minutes on the real model"),
     ("scripts/compare_objectives.sh", "about 20 minutes: four RL runs of the demo's size"),
     ("scripts/compare_objectives_real.sh", "about 25 minutes: three RL runs of the real-model demo's size"),
+    ("scripts/bench_async.py", "about 15 minutes: eight timed RL runs, four on the real model; "
+                               "tests/test_async_rl.py runs the layouts"),
     ("source .venv/bin/activate", "shell set-up: the check puts .venv/bin first on PATH instead"),
     ("scripts/demo_agents.sh", "the multi-turn demo, 10 minutes: tests/test_environments.py and "
                                "tests/test_real_model.py train env= episodes"),

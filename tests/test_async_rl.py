@@ -152,6 +152,19 @@ def test_a_split_one_step_off_run_sigkilled_anywhere_resumes_to_the_uninterrupte
     assert outcome(run_dir) == outcome(tmp_path / "whole")
 
 
+def test_a_stop_signal_to_every_rank_of_a_split_run_checkpoints_and_resumes(tmp_path, data):
+    """Preemption signals every process of the job, the sampler rank too: it must keep answering
+    until the trainers have checkpointed (with the rollout it was generating), then stop."""
+    overrides = lambda run_dir: grpo(run_dir, data, "rollout.max_staleness=1", *SPLIT)  # noqa: E731
+    finished(tmp_path / "w", overrides(tmp_path / "whole"), world=2)
+    run_dir = tmp_path / "stopped"
+    stopped = run(tmp_path, overrides(run_dir), at=(0, 2, "step", 0), do="term_twice", world=2)
+    assert stopped.codes == [None, None], stopped.output
+    assert (run_dir / "step-3").exists() and not (run_dir / "step-5").exists()
+    finished(tmp_path, [*overrides(run_dir), "resume=true"], world=2)
+    assert outcome(run_dir) == outcome(tmp_path / "whole")
+
+
 def hanging_sampler(rank, world, overrides, out_dir):
     """``train.main`` whose sampler rank stops answering at its second weight sync."""
     import sampler_service
