@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -165,8 +166,9 @@ def test_a_stop_signal_to_every_rank_of_a_split_run_checkpoints_and_resumes(tmp_
     assert outcome(run_dir) == outcome(tmp_path / "whole")
 
 
-def hanging_sampler(rank, world, overrides, out_dir):
-    """``train.main`` whose sampler rank stops answering at its second weight sync."""
+def hanging(rank, world, overrides, out_dir, who):
+    """``train.main`` whose sampler rank (``who="sampler"``) or trainer rank stops answering in the
+    middle of the second weight sync."""
     import sampler_service
     import train
 
@@ -174,15 +176,32 @@ def hanging_sampler(rank, world, overrides, out_dir):
     with open(os.path.join(out_dir, f"output-rank{rank}"), "w") as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-    receive, calls = sampler_service.receive_weights, []
+    calls = []
 
-    def stuck(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            time.sleep(600)
-        return receive(*args)
+    def hang(*args):  # until the harness stops it (SIGTERM, which the run otherwise catches to checkpoint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(600)
 
-    sampler_service.receive_weights = stuck
+    if who == "sampler":
+        receive = sampler_service.receive_weights
+
+        def stuck(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                hang()
+            return receive(*args)
+
+        sampler_service.receive_weights = stuck
+    else:
+        sync = sampler_service.RemoteSampler.sync_weights
+
+        def stuck(self, model):
+            calls.append(1)
+            if len(calls) == 2:  # after the sampler said it is ready, before the first tensor
+                self.link.broadcast = hang
+            return sync(self, model)
+
+        sampler_service.RemoteSampler.sync_weights = stuck
     try:
         train.main(make_cfg(*overrides))
     finally:  # what the harness prints of the exit (train.py's own __main__ prints nothing) is not the run's
@@ -191,17 +210,23 @@ def hanging_sampler(rank, world, overrides, out_dir):
         os.dup2(saved[1], 2)
 
 
-def test_a_weight_sync_that_hangs_stops_the_run_within_its_timeout_in_one_line(tmp_path, data):
+@pytest.mark.parametrize("who, rank, line", [
+    ("sampler", 0, "rank 0 (trainer rank 0): the weight sync to the sampler ranks (model.embed_tokens.weight)"),
+    ("trainer", 1, "rank 1 (sampler rank 0): the weight sync from trainer rank 0 (model.embed_tokens.weight)"),
+])
+def test_a_weight_sync_that_hangs_stops_the_run_within_its_timeout_in_one_line(tmp_path, data, who, rank, line):
+    """Whichever side stops answering, the other says so within ``rollout.sync_timeout_s`` and its
+    exit ends the job (torchrun, here the harness, stops the rank that hangs)."""
     overrides = grpo(tmp_path / "run", data, "rollout.max_staleness=1", "rollout.sync_timeout_s=3", *SPLIT)
     start = time.monotonic()
     with pytest.raises((ProcessExitedException, ProcessRaisedException)):
-        run_ranks(hanging_sampler, 2, tmp_path, overrides, str(tmp_path))
-    assert time.monotonic() - start < 120  # the sampler sleeps 600 s: it was stopped, not waited for
-    said = (tmp_path / "output-rank0").read_text()
-    lines = [line for line in said.splitlines() if "sync_timeout_s" in line]
+        run_ranks(hanging, 2, tmp_path, overrides, str(tmp_path), who)
+    assert time.monotonic() - start < 120  # the hanging rank sleeps 600 s: it was stopped, not waited for
+    said = (tmp_path / f"output-rank{rank}").read_text()
+    lines = [x for x in said.splitlines() if "sync_timeout_s" in x]
     assert len(lines) == 1, said[-3000:]
-    assert "rank 0 (trainer rank 0): the weight sync to the sampler ranks" in lines[0]
-    assert "did not finish in rollout.sync_timeout_s=3s: the run stops" in lines[0]
+    assert line in lines[0]
+    assert "did not finish in rollout.sync_timeout_s=3s: the run stops. Last complete checkpoint: none" in lines[0]
     assert "Traceback" not in said
 
 
