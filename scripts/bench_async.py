@@ -15,13 +15,16 @@ on this machine's ranks, and a timing model that projects the phase times to a G
      clock; colocated: the engine's ranks are the trainers).
    workloads: ``toy`` (the tiny model, toy_sort prompts) and ``real`` (SmolLM2-135M-Instruct,
    the demo's arithmetic prompts).
-2. The timing model, checked against those runs: with the colocated sync run's phases on W ranks,
-   generation G and training T (+ sync S), a split into K sampler and W - K trainer ranks takes
-   G_K = G (W/K)^alpha to generate (alpha: how generation time grows with the batch per engine:
-   1 when compute-bound, as on these CPU cores; near 0 for memory-bound GPU decoding) and
-   T_K = T W / (W - K) to train, so an iteration takes G_K + T_K (sync) or max(G_K, T_K)
-   (one-step-off), plus the sync. The same model projects to an 8-GPU node for a range of
-   generation shares g = G / (G + T) and alpha, the best K for each.
+2. The timing model, checked against those runs: an iteration is its phases in sequence, G + T +
+   S (generation, training, weight sync), except split one-step-off, where generation runs beside
+   training: max(G, T) + S. G and T of the split runs are the sampler rank's and the trainer rank's
+   own (its sync run's); colocated one-step-off is colocated sync (the same ranks do both). From
+   the two layouts' phases: alpha, how generation time grows with the batch per engine
+   (G_split / G_colocated = (W / K)^alpha: 1 when compute-bound, near 0 for memory-bound decoding),
+   and beta, the same for training (1: linear).
+3. The projection to an 8-GPU node, split one-step-off against colocated sync, for a range of
+   generation shares g = G / (G + T) of the colocated iteration and of alpha (training linear), with
+   the best number K of sampler GPUs: G_K = g (8 / K)^alpha, T_K = (1 - g) 8 / (8 - K).
 
 Prints the tables and writes JSON. Timings are only meaningful with nothing else on the cores.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,7 +51,8 @@ def workload(name: str, workdir: Path) -> list[str]:
     """A generation-heavy GRPO run: few prompts, many samples, long completions."""
     if name == "toy":
         return ["model=tiny", "datasets=[toy_sort_prompts]", "reward.functions=[toy_sort]", "loss.rollout_batch_size=32",
-                "loss.n_samples_per_prompt=8", "loss.sampling.max_new_tokens=64", "batch_size=128", "max_length=160"]
+                "loss.n_samples_per_prompt=8", "loss.sampling.max_new_tokens=64", "batch_size=128", "max_length=128",
+                "max_prompt_length=48"]
     prompts = workdir / "arithmetic.jsonl"
     subprocess.run([sys.executable, str(REPO / "scripts" / "arithmetic.py"), "--out", str(prompts)], check=True,
                    capture_output=True)
@@ -87,23 +92,28 @@ def phases(records: list[dict], split: bool) -> dict:
     return out
 
 
-def model(G: float, T: float, S: float, world: int, k: int, alpha: float, off: bool) -> float:
-    """Section 2's iteration time: colocated (k = 0) or split with k sampler ranks."""
-    if k == 0:
-        return G + T + S
-    g_k, t_k = G * (world / k) ** alpha, T * world / (world - k)
-    return (max(g_k, t_k) if off else g_k + t_k) + S
+def model(measured: dict, world: int, samplers: int) -> dict:
+    """Section 2: each layout's iteration time from the phase times, and alpha and beta."""
+    coloc, split = measured["colocated sync"], measured["split sync"]
+    G, T = coloc["sampler_busy_s"], coloc["trainer_busy_s"]
+    G_K, T_K = split["sampler_busy_s"], split["trainer_busy_s"]
+    out = {"colocated sync": G + T + coloc["sync_s"],
+           "colocated one-step-off": G + T + measured["colocated one-step-off"]["sync_s"],
+           "split sync": G_K + T_K + split["sync_s"],
+           "split one-step-off": max(G_K, T_K) + measured["split one-step-off"]["sync_s"]}
+    return {"iteration_s": out, "alpha": math.log(G_K / G) / math.log(world / samplers),
+            "beta": math.log(T_K / T) / math.log(world / (world - samplers))}
 
 
 def projection(alphas=(1.0, 0.5, 0.0), shares=(0.5, 0.7, 0.9), gpus: int = 8) -> list[dict]:
-    """Split one-step-off against colocated sync on ``gpus`` GPUs (colocated iteration = 1, sync
-    left out), with the best number of sampler GPUs."""
+    """Section 3: split one-step-off against colocated sync on ``gpus`` GPUs (colocated iteration
+    = 1, sync left out), with the best number of sampler GPUs."""
     rows = []
     for share in shares:
         for alpha in alphas:
-            best = min(range(1, gpus), key=lambda k: model(share, 1 - share, 0, gpus, k, alpha, off=True))
-            t = model(share, 1 - share, 0, gpus, best, alpha, off=True)
-            rows.append({"generation_share": share, "alpha": alpha, "sampler_gpus": best, "speedup": 1 / t})
+            time_with = {k: max(share * (gpus / k) ** alpha, (1 - share) * gpus / (gpus - k)) for k in range(1, gpus)}
+            best = min(time_with, key=time_with.get)
+            rows.append({"generation_share": share, "alpha": alpha, "sampler_gpus": best, "speedup": 1 / time_with[best]})
     return rows
 
 
@@ -113,7 +123,10 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="iterations per run (the first two are not timed)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/bench_async/bench_async.json")
+    p.add_argument("--report", help="print the tables of a JSON this script wrote, without running anything")
     args = p.parse_args()
+    if args.report:
+        return print_report(json.loads(Path(args.report).read_text()))
     report = {"nproc": args.nproc, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads.split(","):
@@ -125,12 +138,6 @@ def main():
                                f"rollout.max_staleness={k}"], Path(tmp) / name / layout.replace(" ", "_"), args.nproc)
                 measured[layout] = phases(records, split=samplers > 0)
                 print(f"{name} {layout}: {measured[layout]['iteration_s']:.2f} s/iteration", flush=True)
-            sync = measured["colocated sync"]
-            G, T = sync["sampler_busy_s"], sync["trainer_busy_s"]
-            S = statistics.mean(m["sync_s"] for m in measured.values())
-            alpha = 1.0  # these cores: each rank generates with one core, so its batch's time is its share's
-            for layout, (samplers, k) in LAYOUTS.items():
-                measured[layout]["model_s"] = model(G, T, S, args.nproc, samplers, alpha, off=k > 0)
             report["workloads"][name] = measured
     report["projection_8_gpus"] = projection()
     out = Path(args.out)
@@ -145,10 +152,12 @@ def print_report(report: dict):
            f"{'sampler busy':>14}{'sampler idle':>14}"
     print("\n" + head)
     for name, measured in report["workloads"].items():
+        fit = model(measured, report["nproc"], 1)
         for layout, m in measured.items():
-            print(f"{name:9}{layout:26}{m['iteration_s']:8.2f}{m['model_s']:8.2f}{m['trainer_busy_s']:14.2f}"
+            print(f"{name:9}{layout:26}{m['iteration_s']:8.2f}{fit['iteration_s'][layout]:8.2f}{m['trainer_busy_s']:14.2f}"
                   f"{m['trainer_idle_s']:14.2f}{m['sampler_busy_s']:14.2f}{m['sampler_idle_s']:14.2f}")
-    print(f"\nprojection, 8 GPUs: split one-step-off against colocated sync (best number of sampler GPUs)")
+        print(f"{name:9}alpha (generation) {fit['alpha']:.2f}, beta (training) {fit['beta']:.2f}")
+    print("\nprojection, 8 GPUs: split one-step-off against colocated sync (best number of sampler GPUs)")
     print(f"{'generation share':>18}{'alpha':>7}{'sampler GPUs':>14}{'speedup':>9}")
     for row in report["projection_8_gpus"]:
         print(f"{row['generation_share']:18.1f}{row['alpha']:7.1f}{row['sampler_gpus']:14d}{row['speedup']:9.2f}")
