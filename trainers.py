@@ -810,6 +810,10 @@ def check_rollout(cfg, launch_world: int, trainer_class):
     if samplers and cfg.fsdp_shard_ranks not in (None, launch_world - samplers):
         raise models.ConfigError(f"fsdp_shard_ranks={cfg.fsdp_shard_ranks} with rollout.sampler_ranks={samplers}: "
                                  f"the trainer ranks shard over all of them (fsdp_shard_ranks=null)")
+    if samplers and cfg.sampler.get("tensor_parallel_size", 1) > 1:
+        raise models.ConfigError(f"sampler.tensor_parallel_size={cfg.sampler.tensor_parallel_size} with "
+                                 f"rollout.sampler_ranks={samplers}: each sampler rank runs an engine of its own "
+                                 f"(tensor parallelism across sampler ranks is not built yet)")
     if not section.sync_timeout_s > 0:
         raise models.ConfigError(f"rollout.sync_timeout_s={section.sync_timeout_s}: expected seconds > 0")
 

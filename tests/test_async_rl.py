@@ -237,6 +237,8 @@ def test_a_weight_sync_that_hangs_stops_the_run_within_its_timeout_in_one_line(t
     (["loss=online_dpo", "rollout.max_staleness=1"], "loss=online_dpo samples on-policy in every rank"),
     (["rollout.sampler_ranks=1", "env=calculator"], "the sampler ranks do not run environments yet"),
     (["rollout.sync_timeout_s=0"], "rollout.sync_timeout_s=0: expected seconds > 0"),
+    (["rollout.sampler_ranks=1", "sampler=vllm", "sampler.tensor_parallel_size=2"],
+     "tensor parallelism across sampler ranks is not built yet"),
 ])
 def test_a_layout_that_cannot_run_is_refused_before_anything_loads(overrides, error):
     cfg = make_cfg("loss=grpo", *overrides)
