@@ -91,14 +91,16 @@ def assert_close_weights(a, b):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)  # Adam scales rounding up where a gradient is ~0
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_the_split_layout_trains_what_the_colocated_layout_trains(tmp_path, data, k):
+@pytest.mark.parametrize("k, extra", [(0, ()), (1, ()), (1, ("lora.r=8", "lr=5e-2"))], ids=["sync", "one_step_off",
+                                                                                          "one_step_off_lora"])
+def test_the_split_layout_trains_what_the_colocated_layout_trains(tmp_path, data, k, extra):
     """A sampler rank samples what a colocated rank 0 samples (its engine seeded by its rank among
     the samplers) and one trainer rank trains as one rank does: everything the runs log and export
-    is equal, whichever layout generated the samples and however old they are."""
+    is equal, whichever layout generated the samples and however old they are. With LoRA the sync
+    sends the adapters alone, onto the sampler's own copy of the frozen base."""
     stale = f"rollout.max_staleness={k}"
-    finished(tmp_path / "c", grpo(tmp_path / "colocated", data, stale), world=1)
-    finished(tmp_path / "s", grpo(tmp_path / "split", data, stale, *SPLIT), world=2)
+    finished(tmp_path / "c", grpo(tmp_path / "colocated", data, stale, *extra), world=1)
+    finished(tmp_path / "s", grpo(tmp_path / "split", data, stale, *extra, *SPLIT), world=2)
     assert samples(tmp_path / "split") == samples(tmp_path / "colocated")
     assert_same_metrics(tmp_path / "split", tmp_path / "colocated")
     assert_close_weights(tmp_path / "split" / "LATEST", tmp_path / "colocated" / "LATEST")
