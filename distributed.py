@@ -268,13 +268,13 @@ class SyncTimeout(RuntimeError):
     """A transfer between the trainer ranks and the sampler ranks that did not finish in time."""
 
 
-def split(sampler_ranks: int, sync_timeout_s: float, timeout_minutes: float) -> Link | None:
+def split(sampler_ranks: int, sync_timeout_s: float, timeout_minutes: float):
     """Collective over the whole launch: its last ``sampler_ranks`` ranks become sampler ranks, the
     others trainer ranks, and each part gets a default process group of its own in place of the
     launch's. So everything written for "every rank" (FSDP's mesh, checkpoints, metrics, the
-    samplers' vLLM, which joins the world it finds) runs over its own part unchanged. Returns the
-    ``Link`` between trainer rank 0 and the sampler ranks on those ranks (None on the other
-    trainer ranks). ``RANK``/``WORLD_SIZE`` are set to the part's, as vLLM reads them."""
+    samplers' vLLM, which joins the world it finds) runs over its own part unchanged. ``LINK`` is
+    then the ``Link`` between trainer rank 0 and the sampler ranks on those ranks (None on the
+    other trainer ranks). ``RANK``/``WORLD_SIZE`` are set to the part's, as vLLM reads them."""
     global ROLE, LAUNCH_RANK, LAUNCH_WORLD, LINK
     launch_rank, launch_world = dist.get_rank(), dist.get_world_size()
     trainers = launch_world - sampler_ranks
@@ -290,10 +290,9 @@ def split(sampler_ranks: int, sync_timeout_s: float, timeout_minutes: float) -> 
         kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(**kwargs)
     os.environ.update(RANK=str(part_rank), WORLD_SIZE=str(part_world))
-    if ROLE == "trainer" and part_rank != 0:
-        return None
-    LINK = Link(store, 0 if ROLE == "trainer" else 1 + part_rank, 1 + sampler_ranks, sync_timeout_s, timeout_minutes)
-    return LINK
+    if ROLE == "sampler" or part_rank == 0:
+        LINK = Link(store, 0 if ROLE == "trainer" else 1 + part_rank, 1 + sampler_ranks, sync_timeout_s,
+                    timeout_minutes)
 
 
 def launch_world() -> int:

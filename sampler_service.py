@@ -120,7 +120,7 @@ class RemoteSampler(Sampler):
             self.link = None
 
 
-def serve(cfg, device: torch.device, link):
+def serve(cfg, device: torch.device):
     """A sampler rank's whole run: build the policy and its sampler, then answer trainer rank 0's
     commands until it says stop. A stop signal (preemption, Ctrl-C, slurm's warning: they reach
     every rank) is the trainers' to act on: this rank generates what is asked until the trainers,
@@ -128,6 +128,7 @@ def serve(cfg, device: torch.device, link):
     from preemption import StopSignals
 
     StopSignals()
+    link = distributed.LINK
     tokenizer = models.load_tokenizer(cfg.model)
     try:
         hello = link.recv(0)  # what trainer rank 0 resolved: the compute dtype it measured
@@ -140,7 +141,6 @@ def serve(cfg, device: torch.device, link):
     cfg.model.fsdp_policy_mp = hello["fsdp_policy_mp"]
     model, _ = models.Builder(cfg, device).policy()
     model.requires_grad_(False)
-    names = {name: p for name, p in model.named_parameters()}
     sampler = build_sampler(cfg, model, tokenizer, cfg.run_dir)
     idle_since = time.perf_counter()
     try:
@@ -150,7 +150,7 @@ def serve(cfg, device: torch.device, link):
                 break
             if msg[0] == "weights":
                 link.send(("ready", None), 0)
-                receive_weights(link, model, [names[n] for n in msg[1]], msg[1])
+                receive_weights(link, model, msg[1])
                 sampler.sync_weights(model)
             elif msg[0] == "generate":
                 _, ticket, prompts, params = msg
@@ -162,14 +162,16 @@ def serve(cfg, device: torch.device, link):
         sampler.close()
 
 
-def receive_weights(link, model, params: list, names: list[str]):
-    """The sampler's side of ``RemoteSampler.sync_weights``: each parameter whole, into this
-    rank's copy (its shard of it, under FSDP over the sampler ranks)."""
+def receive_weights(link, model, names: list[str]):
+    """The sampler's side of ``RemoteSampler.sync_weights``: each parameter of ``names``, whole,
+    into this rank's copy (its shard of it, under FSDP over the sampler ranks)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     distributed.reshard(model)  # else the root's parameters gathered for the last generation would stay in use
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in zip(names, params):
+        for name in names:
+            p = params[name]
             whole = torch.empty(p.shape, dtype=p.dtype, device=p.device)
             link.broadcast(whole, f"the weight sync from trainer rank 0 ({name})")
             if isinstance(p, DTensor):

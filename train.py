@@ -75,11 +75,11 @@ def main(cfg):
             from trainers import check_rollout
 
             check_rollout(cfg, distributed.world(), TRAINERS[cfg.loss.trainer])
-            link = distributed.split(cfg.rollout.sampler_ranks, cfg.rollout.sync_timeout_s, cfg.dist_timeout_minutes)
+            distributed.split(cfg.rollout.sampler_ranks, cfg.rollout.sync_timeout_s, cfg.dist_timeout_minutes)
             if distributed.ROLE == "sampler":
                 import sampler_service
 
-                sampler_service.serve(cfg, device, link)
+                sampler_service.serve(cfg, device)
                 return
         trainer = TRAINERS[cfg.loss.trainer](cfg, device)
         trainer.train()
